@@ -1,0 +1,285 @@
+"""Decoupled cross-attention: one processor for every adapter kind and any number of adapters.
+
+Z = softmax(Q Kt^T / sqrt(d)) Vt + sum_a scale_a * softmax(Q Ki_a^T / sqrt(d)) Vi_a, before the output projection.
+
+Image tokens never ride on the text embeddings: each attached adapter owns an :class:`AdapterState` holding
+its image keys/values, computed once per generation by :meth:`AdapterState.set_tokens` (not at every denoising
+step) and read by every layer's processor. The text path is the exact op sequence of diffusers'
+``AttnProcessor2_0``, so a zero scale gives the base model bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALinear(nn.Module):
+    """Low-rank delta ``up(down(x))`` (FaceID files carry these for the UNet's own attention)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype)))
+
+
+class IPLayer(nn.Module):
+    """One attention layer's adapter weights; names match the official "ip_adapter.<i>.*" keys."""
+
+    def __init__(self, width: int, cross_dim: int | None, lora_rank: int = 0, kv_in: int | None = None):
+        super().__init__()
+        if cross_dim is not None:
+            self.to_k_ip = nn.Linear(cross_dim, width, bias=False)
+            self.to_v_ip = nn.Linear(cross_dim, width, bias=False)
+        if lora_rank:
+            kv_in = kv_in or width
+            self.to_q_lora = LoRALinear(width, width, lora_rank)
+            self.to_k_lora = LoRALinear(kv_in, width, lora_rank)
+            self.to_v_lora = LoRALinear(kv_in, width, lora_rank)
+            self.to_out_lora = LoRALinear(width, width, lora_rank)
+
+    @property
+    def has_kv(self) -> bool:
+        return hasattr(self, "to_k_ip")
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self, "to_q_lora")
+
+
+Schedule = Callable[[float], float]
+
+
+class AdapterState:
+    """What one attached adapter contributes to the current generation, shared by all its layers.
+
+    tokens are [rows, n_images, T, C]; ``rows`` is b (cond only) or 2b (unconditional rows first, like
+    diffusers' stacked embeddings). Keys/values are computed for all layers at once in :meth:`set_tokens`.
+    """
+
+    def __init__(self, layers: dict[int, IPLayer]):
+        self.layers = layers
+        self.scale: float = 1.0
+        self.layer_scales: dict[int, float] = {}
+        self.schedule: Schedule | None = None
+        self.lora_scale: float = 1.0
+        self.masks: torch.Tensor | None = None  # [n_images, H, W] in [0, 1]
+        self.cfg: bool | None = None  # None: infer from the batch size
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows = 0
+        self.has_uncond = False
+        self._expanded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
+        """Set the image tokens ([b, T, C] or [b, n_images, T, C]) and compute every layer's K/V once."""
+        self._expanded.clear()
+        self.kv.clear()
+        if cond is None:
+            self.rows, self.has_uncond = 0, False
+            return
+        if cond.ndim == 3:
+            cond = cond[:, None]
+            uncond = uncond[:, None] if uncond is not None else None
+        tokens = cond if uncond is None else torch.cat([uncond.to(cond), cond])
+        self.rows, self.has_uncond = tokens.shape[0], uncond is not None
+        for index, layer in self.layers.items():
+            if layer.has_kv:
+                t = tokens.to(layer.to_k_ip.weight.dtype)
+                self.kv[index] = (layer.to_k_ip(t), layer.to_v_ip(t))
+
+    @property
+    def active(self) -> bool:
+        return self.rows > 0
+
+    def effective_scale(self, index: int, progress: float) -> float:
+        scale = self.scale * self.layer_scales.get(index, 1.0)
+        if self.schedule is not None and scale != 0:
+            scale *= float(self.schedule(progress))
+        return scale
+
+    def keys_values(self, index: int, batch: int, cfg_hint: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's image K/V laid out for a UNet batch of ``batch`` rows ([batch, n, T, W]).
+
+        With guidance the UNet batch is [unconditional rows; conditional rows], each prompt repeated for the
+        images per prompt; without, conditional rows only. ``cfg_hint`` (the pipeline's own flag) decides
+        when :attr:`cfg` is not set; failing both, an even multiple of the stacked rows means guidance.
+        """
+        k, v = self.kv[index]
+        cfg = self.cfg if self.cfg is not None else cfg_hint
+        if cfg is None:
+            cfg = self.has_uncond and batch % self.rows == 0
+        if k.shape[0] == batch and (cfg or not self.has_uncond):
+            return k, v
+        cached = self._expanded.get((index, batch, cfg))
+        if cached is not None:
+            return cached
+        k, v = self._expand(k, batch, cfg), self._expand(v, batch, cfg)
+        if not torch.is_grad_enabled():
+            self._expanded[(index, batch, cfg)] = (k, v)
+        return k, v
+
+    def _expand(self, t: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
+        if cfg and self.has_uncond:
+            b = self.rows // 2
+            if batch % (2 * b):
+                raise ValueError(f"UNet batch {batch} does not fit {b} image prompt(s) with guidance")
+            m = batch // (2 * b)
+            return torch.cat([t[:b].repeat_interleave(m, 0), t[b:].repeat_interleave(m, 0)])
+        cond = t[self.rows // 2:] if self.has_uncond else t
+        if batch % cond.shape[0]:
+            raise ValueError(f"UNet batch {batch} does not fit {cond.shape[0]} image prompt(s)")
+        return cond.repeat_interleave(batch // cond.shape[0], 0)
+
+
+class Runtime:
+    """Per-UNet facts the processors need at call time: denoising progress and latent size (set by a hook)."""
+
+    def __init__(self) -> None:
+        self.progress: float = 0.0
+        self.latent_hw: tuple[int, int] | None = None
+        self.num_train_timesteps: int = 1000
+        self.cfg_hint: Callable[[], bool] | None = None  # the pipeline's do_classifier_free_guidance
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if sample is not None:
+            self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if timestep is not None:
+            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+            self.progress = min(max(1.0 - t / self.num_train_timesteps, 0.0), 1.0)
+
+
+class IPAttnProcessor(nn.Module):
+    """Attention processor for one UNet attention layer carrying one or more adapters' weights."""
+
+    def __init__(self, index: int, runtime: Runtime):
+        super().__init__()
+        self.index = index
+        self.runtime = runtime
+        self.layers = nn.ModuleList()
+        self.states: list[AdapterState] = []
+
+    def add(self, layer: IPLayer, state: AdapterState) -> None:
+        self.layers.append(layer)
+        self.states.append(state)
+
+    def remove(self, state: AdapterState) -> None:
+        keep = [(layer, s) for layer, s in zip(self.layers, self.states) if s is not state]
+        self.layers = nn.ModuleList([layer for layer, _ in keep])
+        self.states = [s for _, s in keep]
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        delta = None
+        for layer, state in zip(self.layers, self.states):
+            if layer.has_lora and state.lora_scale:
+                d = state.lora_scale * getattr(layer, name)(x)
+                delta = d if delta is None else delta + d
+        return delta
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        is_cross = encoder_hidden_states is not None
+        batch_size, sequence_length, _ = (encoder_hidden_states if is_cross else hidden_states).shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if (d := self._lora("to_q_lora", hidden_states)) is not None:
+            query = query + d
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if (d := self._lora("to_k_lora", encoder_hidden_states)) is not None:
+            key = key + d
+        if (d := self._lora("to_v_lora", encoder_hidden_states)) is not None:
+            value = value + d
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if is_cross:
+            hidden_states = self._add_image_attention(hidden_states, query, attn.heads, head_dim)
+
+        out = attn.to_out[0](hidden_states)
+        if (d := self._lora("to_out_lora", hidden_states)) is not None:
+            out = out + d
+        hidden_states = attn.to_out[1](out)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _add_image_attention(self, hidden_states, query, heads: int, head_dim: int) -> torch.Tensor:
+        batch, seq = hidden_states.shape[:2]
+        for state in self.states:
+            if not state.active or self.index not in state.kv:
+                continue
+            scale = state.effective_scale(self.index, self.runtime.progress)
+            if scale == 0:
+                continue
+            hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
+            k, v = state.keys_values(self.index, batch, hint)  # [batch, n_images, T, W]
+            if state.masks is None:
+                out = _attend(query, k.flatten(1, 2), v.flatten(1, 2), heads, head_dim)
+                hidden_states = hidden_states + scale * out.to(query.dtype)
+                continue
+            masks = layer_masks(state.masks, seq, self.runtime.latent_hw).to(query)  # [n_images, seq]
+            for j in range(k.shape[1]):
+                out = _attend(query, k[:, j], v[:, j], heads, head_dim).to(query.dtype)
+                hidden_states = hidden_states + scale * out * masks[j, None, :, None]
+        return hidden_states
+
+
+def _attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    b = query.shape[0]
+    k = k.view(b, -1, heads, head_dim).transpose(1, 2)
+    v = v.view(b, -1, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * head_dim)
+
+
+def layer_masks(masks: torch.Tensor, seq: int, latent_hw: tuple[int, int] | None) -> torch.Tensor:
+    """Grayscale masks [n, H, W] resized (area average) to a layer's token grid, flattened to [n, seq]."""
+    h, w = latent_hw or (int(math.isqrt(seq)), int(math.isqrt(seq)))
+    factor = 1
+    while math.ceil(h / factor) * math.ceil(w / factor) > seq:
+        factor *= 2
+    lh, lw = math.ceil(h / factor), math.ceil(w / factor)
+    if lh * lw != seq:
+        lh = lw = int(math.isqrt(seq))
+    resized = F.interpolate(masks[:, None].float(), size=(lh, lw), mode="area")
+    return resized.flatten(1).clamp(0, 1)

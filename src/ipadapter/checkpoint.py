@@ -1,0 +1,322 @@
+"""Checkpoint formats as pure functions: file -> (config, tensors) and back.
+
+The canonical in-memory form is the official flat layout: ``{"image_proj.<name>": t, "ip_adapter.<i>.<name>": t}``
+where ``i`` counts over all attention processors of the UNet in diffusers' order (so image K/V sit on odd ``i``).
+Every readable layout is normalised to it: official ``.bin`` ({"image_proj": sd, "ip_adapter": sd}), flat
+``.safetensors``, training-run layouts ("image_proj_model." / "adapter_modules.", possibly beside a whole UNet),
+and diffusers' converted layout ("encoder_hid_proj.image_projection_layers.0." + named processors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .config import AdapterConfig, guess_base_family
+from .errors import IPAdapterError
+
+Tensors = dict[str, torch.Tensor]
+
+FORMAT_VERSION = "1"
+
+
+# ----------------------------------------------------------------------------------------------- raw reading
+def load_tensors(path: str | os.PathLike) -> Tensors:
+    """Read a ``.bin``/``.pt``/``.safetensors`` file into a flat name -> tensor dict; clear errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise IPAdapterError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if len(candidates) != 1:
+            raise IPAdapterError(f"{path}: is a folder; give the adapter file inside it (.safetensors or .bin)")
+        path = candidates[0]
+    if path.stat().st_size == 0:
+        raise IPAdapterError(f"{path}: empty file, not a checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise IPAdapterError(f"{path}: not a readable .safetensors file (truncated or corrupt: {_short(e)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise IPAdapterError(
+            f"{path}: holds non-tensor Python objects, refused for safety (weights_only load: {_short(e)}); "
+            "convert it where you trust it, or use a .safetensors file"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise IPAdapterError(f"{path}: not a readable checkpoint (truncated or corrupt: {_short(e)})") from None
+    return _flatten(obj, path)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:160] + ("..." if len(text) > 160 else "")
+
+
+def _flatten(obj: object, path: Path, prefix: str = "") -> Tensors:
+    if isinstance(obj, torch.Tensor):
+        return {prefix.rstrip("."): obj}
+    if not isinstance(obj, Mapping):
+        raise IPAdapterError(f"{path}: expected a dict of tensors, found {type(obj).__name__} at '{prefix or '/'}'")
+    out: Tensors = {}
+    for key, value in obj.items():
+        if isinstance(value, (int, float, str)) or value is None:
+            continue  # e.g. "step" or "epoch" entries of training checkpoints
+        out.update(_flatten(value, path, f"{prefix}{key}."))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- layout normalising
+_PREFIXES = (("image_proj.", "ip_adapter."), ("image_proj_model.", "adapter_modules."))
+
+
+def to_official(tensors: Tensors, source: str = "checkpoint") -> Tensors:
+    """Normalise any supported layout to the official flat one ("image_proj." + "ip_adapter.")."""
+    for proj_prefix, attn_prefix in _PREFIXES:
+        for wrap in ("", "module.", "model."):
+            pp, ap = wrap + proj_prefix, wrap + attn_prefix
+            if any(k.startswith(pp) for k in tensors) and any(k.startswith(ap) for k in tensors):
+                out = {"image_proj." + k[len(pp):]: v for k, v in tensors.items() if k.startswith(pp)}
+                out.update({"ip_adapter." + k[len(ap):]: v for k, v in tensors.items() if k.startswith(ap)})
+                return out
+    if any(k.startswith("encoder_hid_proj.image_projection_layers.") for k in tensors) or any(
+        ".processor.to_k_ip." in k for k in tensors
+    ):
+        return _from_diffusers(tensors, source)
+    raise IPAdapterError(
+        f"{source}: no IP-Adapter weights found (expected keys starting with 'image_proj.' and 'ip_adapter.', "
+        "'image_proj_model.' and 'adapter_modules.', or diffusers' 'encoder_hid_proj.' layout)"
+    )
+
+
+_BLOCK_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+
+def _processor_sort_key(name: str) -> tuple:
+    parts = name.split(".")
+    return (_BLOCK_ORDER.get(parts[0], 3), *[int(p) if p.isdigit() else p for p in parts[1:]])
+
+
+def _from_diffusers(tensors: Tensors, source: str) -> Tensors:
+    """diffusers' converted layout (a UNet saved after ``load_ip_adapter``) -> official layout (adapter 0)."""
+    out: Tensors = {}
+    proj_prefix = "encoder_hid_proj.image_projection_layers.0."
+    proj = {k[len(proj_prefix):]: v for k, v in tensors.items() if k.startswith(proj_prefix)}
+    out.update({"image_proj." + k: v for k, v in _diffusers_proj_to_official(proj, source).items()})
+    pattern = re.compile(r"^(.*)\.processor\.(to_[kv]_ip)\.0\.weight$")
+    layers = sorted({m.group(1) for k in tensors if (m := pattern.match(k))}, key=_processor_sort_key)
+    for position, name in enumerate(layers):
+        # diffusers' transformer blocks hold attn1 (self) then attn2 (cross): cross layers sit on odd indices
+        index = 2 * position + 1
+        for which in ("to_k_ip", "to_v_ip"):
+            out[f"ip_adapter.{index}.{which}.weight"] = tensors[f"{name}.processor.{which}.0.weight"]
+    return out
+
+
+def _diffusers_proj_to_official(proj: Tensors, source: str) -> Tensors:
+    if "image_embeds.weight" in proj:  # global
+        return {k.replace("image_embeds.", "proj."): v for k, v in proj.items()}
+    if "ff.net.0.proj.weight" in proj and "norm.weight" in proj and "proj_in.weight" not in proj:
+        if proj["norm.weight"].shape[0] == proj["ff.net.2.weight"].shape[0]:  # full: per-token MLP
+            names = {"ff.net.0.proj.": "proj.0.", "ff.net.2.": "proj.2.", "norm.": "proj.3."}
+        else:  # faceid
+            names = {"ff.net.0.proj.": "proj.0.", "ff.net.2.": "proj.2.", "norm.": "norm."}
+        return {_swap_prefix(k, names): v for k, v in proj.items()}
+    if "latents" in proj:  # plus
+        out: Tensors = {}
+        for k, v in proj.items():
+            m = re.match(r"^layers\.(\d+)\.(.*)$", k)
+            if not m:
+                out[k] = v
+                continue
+            layer, rest = m.groups()
+            base = f"layers.{layer}."
+            if rest.startswith("ln0."):
+                out[base + "0.norm1." + rest[4:]] = v
+            elif rest.startswith("ln1."):
+                out[base + "0.norm2." + rest[4:]] = v
+            elif rest == "attn.to_q.weight":
+                out[base + "0.to_q.weight"] = v
+            elif rest == "attn.to_k.weight":
+                out[base + "0.to_kv.weight"] = torch.cat([v, proj[f"layers.{layer}.attn.to_v.weight"]], 0)
+            elif rest == "attn.to_v.weight":
+                continue
+            elif rest == "attn.to_out.0.weight":
+                out[base + "0.to_out.weight"] = v
+            else:
+                sub = {"ff.0.": "1.0.", "ff.1.net.0.proj.": "1.1.", "ff.1.net.2.": "1.3."}
+                out[base + _swap_prefix(rest, sub)] = v
+        return out
+    raise IPAdapterError(f"{source}: diffusers-layout image projection of an unsupported kind")
+
+
+def _swap_prefix(key: str, names: dict[str, str]) -> str:
+    for old, new in names.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def split(official: Tensors) -> tuple[Tensors, Tensors]:
+    """Official flat layout -> (image_proj state dict, ip_adapter state dict)."""
+    proj = {k[len("image_proj."):]: v for k, v in official.items() if k.startswith("image_proj.")}
+    attn = {k[len("ip_adapter."):]: v for k, v in official.items() if k.startswith("ip_adapter.")}
+    return proj, attn
+
+
+# ------------------------------------------------------------------------------------------ kind inference
+def infer_config(official: Tensors, metadata: Mapping[str, str] | None = None, source: str = "checkpoint") -> AdapterConfig:
+    """Recognise the kind and its hyperparameters from tensor names and shapes."""
+    proj, attn = split(official)
+    if not proj:
+        raise IPAdapterError(f"{source}: has IP-Adapter attention weights but no image projection ('image_proj.*')")
+    saved = json.loads(metadata["ipadapter_config"]) if metadata and "ipadapter_config" in metadata else {}
+
+    layer_widths: dict[int, int] = {}
+    lora_layers: dict[int, int] = {}
+    cross_dims = set()
+    for key, t in attn.items():
+        m = re.match(r"^(\d+)\.(to_[kv]_ip|to_q_lora|to_k_lora|to_v_lora|to_out_lora)(?:\.(down|up))?\.weight$", key)
+        if not m:
+            raise IPAdapterError(f"{source}: unexpected attention key 'ip_adapter.{key}'")
+        index, name = int(m.group(1)), m.group(2)
+        if name in ("to_k_ip", "to_v_ip"):
+            if t.ndim != 2:
+                raise IPAdapterError(f"{source}: 'ip_adapter.{key}' should be 2-D, has shape {list(t.shape)}")
+            layer_widths[index] = int(t.shape[0])
+            cross_dims.add(int(t.shape[1]))
+        elif m.group(3) == "down":
+            lora_layers[index] = int(t.shape[0])
+    if not layer_widths:
+        raise IPAdapterError(f"{source}: no image key/value weights ('ip_adapter.<i>.to_k_ip.weight') found")
+    if len(cross_dims) != 1:
+        raise IPAdapterError(f"{source}: image key/value weights disagree on the token width ({sorted(cross_dims)})")
+    for index in layer_widths:
+        for which in ("to_k_ip", "to_v_ip"):
+            if f"{index}.{which}.weight" not in attn:
+                raise IPAdapterError(f"{source}: layer {index} has no '{which}' weight (file incomplete?)")
+    width = cross_dims.pop()
+
+    common = dict(layer_widths=layer_widths, lora_layers=lora_layers, cross_attention_dim=width)
+    if "proj.weight" in proj and "norm.weight" in proj:
+        rows, embed = proj["proj.weight"].shape
+        if rows % width:
+            raise IPAdapterError(f"{source}: projection rows {rows} are not a multiple of the token width {width}")
+        cfg = AdapterConfig(kind="global", num_tokens=rows // width, embed_dim=int(embed), **common)
+    elif "proj.3.weight" in proj:
+        cfg = AdapterConfig(kind="full", num_tokens=int(saved.get("num_tokens", 257)),
+                            embed_dim=int(proj["proj.0.weight"].shape[1]), **common)
+    elif "latents" in proj:
+        depth, heads, dim_head = _resampler_shape(proj, "", saved)
+        q = proj["latents"]
+        cfg = AdapterConfig(kind="plus", num_tokens=int(q.shape[1]), embed_dim=int(proj["proj_in.weight"].shape[1]),
+                            resampler_dim=int(q.shape[2]), resampler_depth=depth, resampler_heads=heads,
+                            resampler_dim_head=dim_head, resampler_ff_mult=_ff_mult(proj, ""), **common)
+    elif "proj.0.weight" in proj and "proj.2.weight" in proj and "norm.weight" in proj:
+        hidden, id_dim = proj["proj.0.weight"].shape
+        tokens = int(proj["proj.2.weight"].shape[0]) // width
+        face = dict(id_embed_dim=int(id_dim), id_hidden_dim=int(hidden), num_tokens=tokens)
+        if "perceiver_resampler.proj_in.weight" in proj:
+            depth, heads, dim_head = _resampler_shape(proj, "perceiver_resampler.", saved)
+            cfg = AdapterConfig(kind="faceid-plus", embed_dim=int(proj["perceiver_resampler.proj_in.weight"].shape[1]),
+                                resampler_dim=width, resampler_depth=depth, resampler_heads=heads,
+                                resampler_dim_head=dim_head, resampler_ff_mult=_ff_mult(proj, "perceiver_resampler."),
+                                **face, **common)
+        else:
+            kind = "faceid" if lora_layers or tokens == 4 else "faceid-portrait"
+            cfg = AdapterConfig(kind=kind, embed_dim=int(id_dim), **face, **common)
+    else:
+        names = ", ".join(sorted(proj)[:6])
+        raise IPAdapterError(f"{source}: image projection of an unknown kind (keys: {names}...)")
+    cfg.base_family = saved.get("base_family") or guess_base_family(width, len(layer_widths))
+    return cfg
+
+
+def _resampler_shape(proj: Tensors, prefix: str, saved: Mapping) -> tuple[int, int, int]:
+    layers = {int(m.group(1)) for k in proj if (m := re.match(rf"^{re.escape(prefix)}layers\.(\d+)\.", k))}
+    if not layers or sorted(layers) != list(range(len(layers))):
+        raise IPAdapterError(f"resampler layers are missing or not numbered 0..n-1 (found {sorted(layers)})")
+    inner = int(proj[f"{prefix}layers.0.0.to_q.weight"].shape[0])
+    dim_head = int(saved.get("resampler_dim_head", 64))
+    if inner % dim_head:
+        dim_head = inner  # one head when the inner width is no multiple of 64 (only tiny test models)
+    return len(layers), inner // dim_head, dim_head
+
+
+def _ff_mult(proj: Tensors, prefix: str) -> int:
+    up = proj[f"{prefix}layers.0.1.1.weight"]
+    return int(up.shape[0]) // int(up.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------- public
+def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, Tensors]:
+    """Any readable layout -> (config, official flat tensors)."""
+    tensors = load_tensors(path)
+    official = to_official(tensors, source=str(path))
+    metadata = read_metadata(path)
+    cfg = infer_config(official, metadata, source=str(path))
+    from .projection import build_projection
+
+    expected = set(build_projection(cfg).state_dict())
+    proj, _ = split(official)
+    if set(proj) != expected:
+        missing, extra = sorted(expected - set(proj)), sorted(set(proj) - expected)
+        raise IPAdapterError(
+            f"{path}: {cfg.kind} image projection is incomplete or mixed (missing: {missing[:4]}, unexpected: {extra[:4]})"
+        )
+    return cfg, official
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: Tensors) -> Path:
+    """Write official flat ``.safetensors`` with metadata, atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise IPAdapterError(f"{path}: adapters are written as .safetensors; give a name ending in .safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "pt",
+        "ipadapter_format": FORMAT_VERSION,
+        "kind": config.kind,
+        "num_tokens": str(config.num_tokens),
+        "base_family": config.base_family,
+        "ipadapter_config": config.to_json(),
+    }
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in official.items()}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def parameter_count(official: Tensors) -> int:
+    return sum(t.numel() for t in official.values())

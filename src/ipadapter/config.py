@@ -1,0 +1,106 @@
+"""One config describes every adapter kind; the projection and the attention layers are built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait"]
+KINDS: tuple[str, ...] = ("global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait")
+
+#: Which image-encoder output each kind consumes.
+#: "image_embeds" = projected CLIP embedding, "penultimate" = hidden_states[-2] (all patch tokens + CLS),
+#: "face_id" = a 512-d insightface embedding given by the user (plus penultimate features for faceid-plus).
+ENCODER_FEATURE: dict[str, str] = {
+    "global": "image_embeds",
+    "plus": "penultimate",
+    "full": "penultimate",
+    "faceid": "face_id",
+    "faceid-plus": "face_id+penultimate",
+    "faceid-portrait": "face_id",
+}
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter from its tensors' shapes, and to check it fits a UNet.
+
+    kind: which projection turns encoder features into image tokens.
+    num_tokens: image tokens per image reaching each cross-attention layer.
+    cross_attention_dim: width of the tokens (= the UNet's cross-attention width).
+    embed_dim: width of the encoder feature the projection reads (projected embedding for "global",
+        hidden size for patch kinds, 512 face-ID width for FaceID).
+    layer_widths: {processor index: attention width} for every layer holding image K/V (official
+        positional indices over all attention processors, so odd numbers for standard UNets).
+    lora_layers: {processor index: rank} for FaceID LoRA on the UNet's attention (empty otherwise).
+    """
+
+    kind: str = "global"
+    num_tokens: int = 4
+    cross_attention_dim: int = 768
+    embed_dim: int = 1024
+    layer_widths: dict[int, int] = field(default_factory=dict)
+    # resampler ("plus", "faceid-plus") hyperparameters, read from the keys
+    resampler_dim: int = 0
+    resampler_depth: int = 0
+    resampler_heads: int = 0
+    resampler_dim_head: int = 64
+    resampler_ff_mult: int = 4
+    # FaceID MLP: 512 -> id_hidden -> num_tokens * width
+    id_embed_dim: int = 0
+    id_hidden_dim: int = 0
+    lora_layers: dict[int, int] = field(default_factory=dict)
+    base_family: str = ""  # "sd15", "sdxl", "sd2" ... when known; informational
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        self.layer_widths = {int(k): int(v) for k, v in self.layer_widths.items()}
+        self.lora_layers = {int(k): int(v) for k, v in self.lora_layers.items()}
+
+    @property
+    def encoder_feature(self) -> str:
+        return ENCODER_FEATURE[self.kind]
+
+    @property
+    def uses_patch_features(self) -> bool:
+        return "penultimate" in self.encoder_feature
+
+    @property
+    def uses_face_id(self) -> bool:
+        return self.kind.startswith("faceid")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_widths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def describe(self) -> str:
+        family = {"sd15": "SD 1.x", "sdxl": "SDXL", "sd2": "SD 2.x"}.get(self.base_family, "a UNet")
+        return (
+            f"{self.kind} adapter ({family}): {self.num_layers} cross-attention layers, "
+            f"width {self.cross_attention_dim}, {self.num_tokens} tokens"
+        )
+
+
+def guess_base_family(cross_attention_dim: int, num_layers: int) -> str:
+    """Name the base model family an adapter was made for, from its width and layer count."""
+    if cross_attention_dim == 768 and num_layers == 16:
+        return "sd15"
+    if cross_attention_dim == 1024 and num_layers == 16:
+        return "sd2"
+    if cross_attention_dim == 2048 and num_layers == 70:
+        return "sdxl"
+    return "custom"

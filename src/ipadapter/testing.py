@@ -1,0 +1,140 @@
+"""Tiny random models from configs, shaped like the real ones: for tests, benchmarks and offline smoke runs.
+
+Nothing here downloads anything. SD 1.5 shape: 16 cross-attention layers (3 cross-attention down blocks of 2,
+3 up blocks of 3, 1 mid). SDXL shape: 70 (transformer depths 1/2/10 as in SDXL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import torch
+
+
+def tiny_tokenizer(folder: str | os.PathLike):
+    """A character-level CLIPTokenizer written to ``folder`` (vocab covers lowercase text and digits)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + ",.!?'-")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+        vocab.setdefault(s + "</w>", len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=32,
+                        pad_token="<|endoftext|>")
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def tiny_unet(shape: str = "sd15", cross_dim: int = 32, widths: tuple[int, ...] | None = None, sample_size: int = 8):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if shape == "sd15":
+        return UNet2DConditionModel(
+            block_out_channels=widths or (32, 64, 64, 64), layers_per_block=2, sample_size=sample_size,
+            in_channels=4, out_channels=4, cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+    if shape == "sdxl":
+        return UNet2DConditionModel(
+            block_out_channels=widths or (32, 64, 64), layers_per_block=2, sample_size=sample_size, in_channels=4,
+            out_channels=4, cross_attention_dim=cross_dim, attention_head_dim=(2, 4, 4), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + cross_dim // 2,
+        )
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def tiny_image_encoder(hidden: int = 64, projection: int = 48, image_size: int = 32, patch: int = 8, layers: int = 3):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    cfg = CLIPVisionConfig(hidden_size=hidden, projection_dim=projection, image_size=image_size, patch_size=patch,
+                           num_hidden_layers=layers, num_attention_heads=4, intermediate_size=hidden * 2)
+    return CLIPVisionModelWithProjection(cfg).eval()
+
+
+def tiny_feature_extractor(image_size: int = 32):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def tiny_pipeline(shape: str = "sd15", folder: str | os.PathLike | None = None, cross_dim: int | None = None,
+                  with_image_encoder: bool = True, unet_widths: tuple[int, ...] | None = None):
+    """A random StableDiffusion(XL)Pipeline; saved to ``folder`` (a diffusers model folder) when given."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok_dir = Path(tempfile.mkdtemp(prefix="ipadapter-tok-"))
+    tokenizer = tiny_tokenizer(tok_dir)
+    torch.manual_seed(2)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    encoder = tiny_image_encoder() if with_image_encoder else None
+    fe = tiny_feature_extractor() if with_image_encoder else None
+
+    def text_config(hidden: int, proj: int | None = None) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                              projection_dim=proj or hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+    if shape == "sd15":
+        cross = cross_dim or 32
+        unet = tiny_unet("sd15", cross, unet_widths)
+        torch.manual_seed(3)
+        text = CLIPTextModel(text_config(cross))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=fe, image_encoder=encoder,
+                                       requires_safety_checker=False)
+    else:
+        cross = cross_dim or 64
+        unet = tiny_unet("sdxl", cross, unet_widths)
+        torch.manual_seed(3)
+        text = CLIPTextModel(text_config(cross // 2))
+        text2 = CLIPTextModelWithProjection(text_config(cross // 2, cross // 2))
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text2, tokenizer=tokenizer,
+                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                         feature_extractor=fe, image_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
+def random_adapter(unet, kind: str = "global", encoder=None, seed: int = 0, **overrides):
+    """An adapter shaped for ``unet`` and ``encoder`` with random (not text-copied) weights."""
+    from .adapter import Adapter
+
+    encoder = encoder or tiny_image_encoder()
+    embed = encoder.config.projection_dim if kind == "global" else encoder.config.hidden_size
+    if kind == "full":
+        overrides.setdefault("num_tokens", (encoder.config.image_size // encoder.config.patch_size) ** 2 + 1)
+    if kind == "plus":
+        overrides.setdefault("num_tokens", 16)
+        overrides.setdefault("resampler_dim", 64)
+        overrides.setdefault("resampler_depth", 4)
+    num_tokens = overrides.pop("num_tokens", None)
+    torch.manual_seed(seed)
+    adapter = Adapter.for_unet(unet, kind, embed_dim=embed, num_tokens=num_tokens, **overrides)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return adapter
