@@ -65,13 +65,16 @@ class Adapter(nn.Module):
         for index in sorted(set(config.layer_widths) | set(config.lora_layers)):
             if index in config.layer_widths:
                 width, cross = config.layer_widths[index], config.cross_attention_dim
+                if config.attention == "concat":  # the "simple adapter": no image K/V of its own
+                    layers[str(index)] = IPLayer(width, None)
+                    continue
             else:  # self-attention LoRA (FaceID): same width as the block's cross-attention layer
                 width = config.layer_widths.get(index + 1) or config.layer_widths.get(index - 1)
                 cross = None
             rank = config.lora_layers.get(index, 0)
             layers[str(index)] = IPLayer(width, cross, rank, kv_in=cross or width)
         self.ip_adapter = nn.ModuleDict(layers)
-        self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()})
+        self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()}, concat=config.attention == "concat")
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -81,7 +84,8 @@ class Adapter(nn.Module):
         missing, unexpected = adapter.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise IPAdapterError(
-                f"{path}: tensors do not match a {config.kind} adapter (missing {missing[:3]}, unexpected {unexpected[:3]})"
+                f"{path}: tensors do not match a {config.kind} adapter "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         return adapter
 
@@ -133,7 +137,9 @@ class Adapter(nn.Module):
         else:
             x = features.face_id
         if x is None:
-            raise IPAdapterError(f"{kind} adapter: the features it reads ({self.config.encoder_feature}) were not given")
+            raise IPAdapterError(
+                f"{kind} adapter: the features it reads ({self.config.encoder_feature}) were not given"
+            )
         param = next(self.image_proj.parameters())
         x = x.to(param.device, param.dtype)
         if kind == "faceid-plus":
@@ -141,6 +147,21 @@ class Adapter(nn.Module):
                 raise IPAdapterError("faceid-plus adapter: needs the face image besides the face-ID embedding")
             return self.image_proj(x, features.penultimate.to(param.device, param.dtype))
         return self.image_proj(x)
+
+    def project_pair(self, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) features -> (cond, uncond) tokens, projected as one batch [uncond; cond].
+
+        One call instead of two, and the very numbers diffusers gets: it projects the stacked pair, and a matrix
+        product's rounding depends on its batch size.
+        """
+        def stack(u, c):
+            return None if c is None or u is None else torch.cat([u.to(c), c])
+
+        both = type(cond)(*(stack(getattr(uncond, f), getattr(cond, f))
+                            for f in ("image_embeds", "penultimate", "face_id")))
+        tokens = self.project(both)
+        n_uncond = len(tokens) - _rows(cond)
+        return tokens[n_uncond:], tokens[:n_uncond]
 
     # ------------------------------------------------------------------------------------------- checks
     def check_unet(self, unet: nn.Module, source: str = "adapter") -> None:
@@ -157,11 +178,18 @@ class Adapter(nn.Module):
             if layer is None or layer.cross_dim is None or layer.width != width:
                 found = "missing" if layer is None else ("self-attention" if layer.cross_dim is None else layer.width)
                 raise IPAdapterError(
-                    f"{source}: layer {index} should be cross-attention of width {width}, this UNet has {found} ({here})"
+                    f"{source}: layer {index} should be cross-attention of width {width}, "
+                    f"this UNet has {found} ({here})"
                 )
         for index in c.lora_layers:
             if index not in layers:
                 raise IPAdapterError(f"{source}: LoRA for attention layer {index}, which this UNet lacks ({here})")
+            width = self.ip_adapter[str(index)].to_q_lora.up.weight.shape[0]
+            if layers[index].width != width:
+                raise IPAdapterError(
+                    f"{source}: LoRA for attention layer {index} has width {width}, this UNet's is "
+                    f"{layers[index].width} ({here})"
+                )
 
     def check_encoder(self, encoder: nn.Module, source: str = "adapter") -> None:
         """The image encoder must produce the features this kind reads, at the width it expects."""
@@ -178,6 +206,10 @@ class Adapter(nn.Module):
                 f"{source}: {c.kind} adapter expects an image encoder with {what} {c.embed_dim}; "
                 f"this encoder has {got} (wrong encoder for this adapter, e.g. ViT-H vs ViT-bigG?)"
             )
+
+
+def _rows(features) -> int:
+    return next(t.shape[0] for t in (features.image_embeds, features.penultimate, features.face_id) if t is not None)
 
 
 # ------------------------------------------------------------------------------------------ attach / detach

@@ -45,14 +45,17 @@ class IPLayer(nn.Module):
             self.to_k_lora = LoRALinear(kv_in, width, lora_rank)
             self.to_v_lora = LoRALinear(kv_in, width, lora_rank)
             self.to_out_lora = LoRALinear(width, width, lora_rank)
+        # plain flags: every layer reads them at every step, and hasattr() on a module without the submodule raises
+        # and catches an AttributeError inside nn.Module.__getattr__ (microseconds each, per layer, per step)
+        self._has_kv, self._has_lora = cross_dim is not None, bool(lora_rank)
 
     @property
     def has_kv(self) -> bool:
-        return hasattr(self, "to_k_ip")
+        return self._has_kv
 
     @property
     def has_lora(self) -> bool:
-        return hasattr(self, "to_q_lora")
+        return self._has_lora
 
 
 Schedule = Callable[[float], float]
@@ -65,13 +68,17 @@ class AdapterState:
     diffusers' stacked embeddings). Keys/values are computed for all layers at once in :meth:`set_tokens`.
     """
 
-    def __init__(self, layers: dict[int, IPLayer]):
+    def __init__(self, layers: dict[int, IPLayer], concat: bool = False):
         self.layers = layers
+        self.concat = concat  # "simple adapter" ablation: tokens join the text tokens, no K/V of their own
         self.scale: float = 1.0
         self.layer_scales: dict[int, float] = {}
         self.schedule: Schedule | None = None
         self.lora_scale: float = 1.0
         self.masks: torch.Tensor | None = None  # [n_images, H, W] in [0, 1]
+        # [n_images] >= 0, None = all 1: without masks, log(w) joins image i's attention logits (weight k == the
+        # image given k times); with masks, w multiplies image i's own attention output
+        self.image_weights: torch.Tensor | None = None
         self.cfg: bool | None = None  # None: infer from the batch size
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows = 0
@@ -91,7 +98,9 @@ class AdapterState:
         tokens = cond if uncond is None else torch.cat([uncond.to(cond), cond])
         self.rows, self.has_uncond = tokens.shape[0], uncond is not None
         for index, layer in self.layers.items():
-            if layer.has_kv:
+            if self.concat:
+                self.kv[index] = (tokens, tokens)
+            elif layer.has_kv:
                 t = tokens.to(layer.to_k_ip.weight.dtype)
                 self.kv[index] = (layer.to_k_ip(t), layer.to_v_ip(t))
 
@@ -143,10 +152,28 @@ class Runtime:
     """Per-UNet facts the processors need at call time: denoising progress and latent size (set by a hook)."""
 
     def __init__(self) -> None:
-        self.progress: float = 0.0
+        self._progress: float = 0.0
+        self._timestep = None  # this UNet call's timestep, not yet read (see progress)
         self.latent_hw: tuple[int, int] | None = None
         self.num_train_timesteps: int = 1000
         self.cfg_hint: Callable[[], bool] | None = None  # the pipeline's do_classifier_free_guidance
+
+    @property
+    def progress(self) -> float:
+        """Denoising progress of the current UNet call in [0, 1]: 1 - t / num_train_timesteps.
+
+        Read lazily: ``float()`` of a timestep on the GPU waits for the GPU, which would stall every step even when
+        no schedule needs the value.
+        """
+        if self._timestep is not None:
+            timestep, self._timestep = self._timestep, None
+            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+            self._progress = min(max(1.0 - t / self.num_train_timesteps, 0.0), 1.0)
+        return self._progress
+
+    @progress.setter
+    def progress(self, value: float) -> None:
+        self._progress, self._timestep = float(value), None
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs.get("sample")
@@ -154,8 +181,7 @@ class Runtime:
         if sample is not None:
             self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         if timestep is not None:
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            self.progress = min(max(1.0 - t / self.num_train_timesteps, 0.0), 1.0)
+            self._timestep = timestep
 
 
 class IPAttnProcessor(nn.Module):
@@ -180,7 +206,9 @@ class IPAttnProcessor(nn.Module):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         delta = None
         for layer, state in zip(self.layers, self.states):
-            if layer.has_lora and state.lora_scale:
+            # FaceID LoRA belongs to its adapter: off while the adapter has no prompt or a zero scale, so an
+            # idle or zero-scale adapter leaves the base model exactly
+            if layer.has_lora and state.lora_scale and state.active and state.scale != 0:
                 d = state.lora_scale * getattr(layer, name)(x)
                 delta = d if delta is None else delta + d
         return delta
@@ -208,6 +236,8 @@ class IPAttnProcessor(nn.Module):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if is_cross:
+            encoder_hidden_states = self._concat_image_tokens(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         if (d := self._lora("to_k_lora", encoder_hidden_states)) is not None:
@@ -243,32 +273,58 @@ class IPAttnProcessor(nn.Module):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _scale(self, state: AdapterState) -> float:
+        # progress only matters under a schedule, and reading it may wait for the GPU (see Runtime.progress)
+        return state.effective_scale(self.index, self.runtime.progress if state.schedule is not None else 0.0)
+
+    def _concat_image_tokens(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The "simple adapter" ablation: image tokens appended to the text tokens (shared text K/V)."""
+        extra = []
+        for state in self.states:
+            if state.concat and state.active and self._scale(state) != 0:
+                hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
+                tokens, _ = state.keys_values(self.index, encoder_hidden_states.shape[0], hint)
+                extra.append(tokens.flatten(1, 2).to(encoder_hidden_states.dtype))
+        return torch.cat([encoder_hidden_states, *extra], dim=1) if extra else encoder_hidden_states
+
     def _add_image_attention(self, hidden_states, query, heads: int, head_dim: int) -> torch.Tensor:
         batch, seq = hidden_states.shape[:2]
         for state in self.states:
-            if not state.active or self.index not in state.kv:
+            if not state.active or state.concat or self.index not in state.kv:
                 continue
-            scale = state.effective_scale(self.index, self.runtime.progress)
+            scale = self._scale(state)
             if scale == 0:
                 continue
             hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
             k, v = state.keys_values(self.index, batch, hint)  # [batch, n_images, T, W]
+            weights = state.image_weights
             if state.masks is None:
-                out = _attend(query, k.flatten(1, 2), v.flatten(1, 2), heads, head_dim)
-                hidden_states = hidden_states + scale * out.to(query.dtype)
+                bias = None
+                if weights is not None:  # [n*T] additive logits, shared by every query
+                    bias = torch.log(weights.to(query)).repeat_interleave(k.shape[2]).view(1, 1, 1, -1)
+                out = _attend(query, k.flatten(1, 2), v.flatten(1, 2), heads, head_dim, bias)
+                out = out.to(query.dtype)
+                # scale 1 (the default) skips a multiply that would give the very same values: one kernel less per
+                # layer and step, which counts where the UNet is launch-bound (small latents on a GPU)
+                hidden_states = hidden_states + (out if scale == 1 else scale * out)
                 continue
             masks = layer_masks(state.masks, seq, self.runtime.latent_hw).to(query)  # [n_images, seq]
+            if weights is not None:
+                masks = masks * weights.to(query)[:, None]
             for j in range(k.shape[1]):
                 out = _attend(query, k[:, j], v[:, j], heads, head_dim).to(query.dtype)
                 hidden_states = hidden_states + scale * out * masks[j, None, :, None]
         return hidden_states
 
 
-def _attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+def _attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
     b = query.shape[0]
     k = k.view(b, -1, heads, head_dim).transpose(1, 2)
     v = v.view(b, -1, heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, k.to(query.dtype), v.to(query.dtype), dropout_p=0.0, is_causal=False)
+    if k.dtype != query.dtype or v.dtype != query.dtype:  # no no-op casts: each costs dispatch time per layer and step
+        k, v = k.to(query.dtype), v.to(query.dtype)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=bias, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(b, -1, heads * head_dim)
 
 

@@ -31,14 +31,7 @@ FORMAT_VERSION = "1"
 # ----------------------------------------------------------------------------------------------- raw reading
 def load_tensors(path: str | os.PathLike) -> Tensors:
     """Read a ``.bin``/``.pt``/``.safetensors`` file into a flat name -> tensor dict; clear errors otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise IPAdapterError(f"{path}: no such checkpoint file")
-    if path.is_dir():
-        candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if len(candidates) != 1:
-            raise IPAdapterError(f"{path}: is a folder; give the adapter file inside it (.safetensors or .bin)")
-        path = candidates[0]
+    path = resolve_file(path)
     if path.stat().st_size == 0:
         raise IPAdapterError(f"{path}: empty file, not a checkpoint")
     if path.suffix == ".safetensors":
@@ -48,17 +41,37 @@ def load_tensors(path: str | os.PathLike) -> Tensors:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise IPAdapterError(f"{path}: not a readable .safetensors file (truncated or corrupt: {_short(e)})") from None
+            raise IPAdapterError(
+                f"{path}: not a readable .safetensors file (truncated or corrupt: {_short(e)})"
+            ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # weights_only refuses pickled classes by name ("Unsupported global: GLOBAL argparse.Namespace"); any
+        # other unpickling failure (bad opcode, garbage bytes) means the file itself is damaged.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise IPAdapterError(f"{path}: not a readable checkpoint (corrupt: not a torch file)") from None
         raise IPAdapterError(
-            f"{path}: holds non-tensor Python objects, refused for safety (weights_only load: {_short(e)}); "
+            f"{path}: holds non-tensor Python objects ({found.group(1)}), refused for safety (weights_only load); "
             "convert it where you trust it, or use a .safetensors file"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise IPAdapterError(f"{path}: not a readable checkpoint (truncated or corrupt: {_short(e)})") from None
     return _flatten(obj, path)
+
+
+def resolve_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file itself: ``path``, or the one adapter file inside a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise IPAdapterError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        candidates = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if len(candidates) != 1:
+            raise IPAdapterError(f"{path}: is a folder; give the adapter file inside it (.safetensors or .bin)")
+        path = candidates[0]
+    return path
 
 
 def _short(e: BaseException) -> str:
@@ -96,6 +109,10 @@ def to_official(tensors: Tensors, source: str = "checkpoint") -> Tensors:
         ".processor.to_k_ip." in k for k in tensors
     ):
         return _from_diffusers(tensors, source)
+    if any(k.startswith("image_proj.") for k in tensors):  # projection only: the "simple adapter" ablation
+        return {k: v for k, v in tensors.items() if k.startswith("image_proj.")}
+    if any(k.startswith("ip_adapter.") for k in tensors):  # K/V alone: infer_config names what is missing
+        return {k: v for k, v in tensors.items() if k.startswith("ip_adapter.")}
     raise IPAdapterError(
         f"{source}: no IP-Adapter weights found (expected keys starting with 'image_proj.' and 'ip_adapter.', "
         "'image_proj_model.' and 'adapter_modules.', or diffusers' 'encoder_hid_proj.' layout)"
@@ -115,7 +132,8 @@ def _from_diffusers(tensors: Tensors, source: str) -> Tensors:
     out: Tensors = {}
     proj_prefix = "encoder_hid_proj.image_projection_layers.0."
     proj = {k[len(proj_prefix):]: v for k, v in tensors.items() if k.startswith(proj_prefix)}
-    out.update({"image_proj." + k: v for k, v in _diffusers_proj_to_official(proj, source).items()})
+    if proj:  # without it infer_config says the projection is missing
+        out.update({"image_proj." + k: v for k, v in _diffusers_proj_to_official(proj, source).items()})
     pattern = re.compile(r"^(.*)\.processor\.(to_[kv]_ip)\.0\.weight$")
     layers = sorted({m.group(1) for k in tensors if (m := pattern.match(k))}, key=_processor_sort_key)
     for position, name in enumerate(layers):
@@ -178,12 +196,16 @@ def split(official: Tensors) -> tuple[Tensors, Tensors]:
 
 
 # ------------------------------------------------------------------------------------------ kind inference
-def infer_config(official: Tensors, metadata: Mapping[str, str] | None = None, source: str = "checkpoint") -> AdapterConfig:
+def infer_config(
+    official: Tensors, metadata: Mapping[str, str] | None = None, source: str = "checkpoint"
+) -> AdapterConfig:
     """Recognise the kind and its hyperparameters from tensor names and shapes."""
     proj, attn = split(official)
     if not proj:
         raise IPAdapterError(f"{source}: has IP-Adapter attention weights but no image projection ('image_proj.*')")
-    saved = json.loads(metadata["ipadapter_config"]) if metadata and "ipadapter_config" in metadata else {}
+    saved = _saved_config(metadata)
+    if saved.get("attention") == "concat" and not attn:
+        return AdapterConfig.from_dict(saved)  # "simple adapter": nothing to infer K/V widths from
 
     layer_widths: dict[int, int] = {}
     lora_layers: dict[int, int] = {}
@@ -204,6 +226,9 @@ def infer_config(official: Tensors, metadata: Mapping[str, str] | None = None, s
         raise IPAdapterError(f"{source}: no image key/value weights ('ip_adapter.<i>.to_k_ip.weight') found")
     if len(cross_dims) != 1:
         raise IPAdapterError(f"{source}: image key/value weights disagree on the token width ({sorted(cross_dims)})")
+    for index in lora_layers:  # self-attention LoRA takes its width from the block's cross-attention beside it
+        if index not in layer_widths and index + 1 not in layer_widths and index - 1 not in layer_widths:
+            raise IPAdapterError(f"{source}: LoRA on attention layer {index}, next to no layer with image weights")
     for index in layer_widths:
         for which in ("to_k_ip", "to_v_ip"):
             if f"{index}.{which}.weight" not in attn:
@@ -242,7 +267,18 @@ def infer_config(official: Tensors, metadata: Mapping[str, str] | None = None, s
         names = ", ".join(sorted(proj)[:6])
         raise IPAdapterError(f"{source}: image projection of an unknown kind (keys: {names}...)")
     cfg.base_family = saved.get("base_family") or guess_base_family(width, len(layer_widths))
+    if cfg.kind == "faceid-plus":  # PlusV2 differs from Plus only by these, which no tensor shows
+        cfg.shortcut, cfg.s_scale = bool(saved.get("shortcut", False)), float(saved.get("s_scale", 1.0))
     return cfg
+
+
+def _saved_config(metadata: Mapping[str, str] | None) -> dict:
+    """Our own metadata (written by :func:`write_checkpoint`); other tools' or damaged metadata is ignored."""
+    try:
+        saved = json.loads((metadata or {}).get("ipadapter_config") or "{}")
+    except ValueError:
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def _resampler_shape(proj: Tensors, prefix: str, saved: Mapping) -> tuple[int, int, int]:
@@ -266,18 +302,33 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, Tensors]:
     """Any readable layout -> (config, official flat tensors)."""
     tensors = load_tensors(path)
     official = to_official(tensors, source=str(path))
-    metadata = read_metadata(path)
+    metadata = read_metadata(resolve_file(path))
     cfg = infer_config(official, metadata, source=str(path))
-    from .projection import build_projection
-
-    expected = set(build_projection(cfg).state_dict())
-    proj, _ = split(official)
-    if set(proj) != expected:
-        missing, extra = sorted(expected - set(proj)), sorted(set(proj) - expected)
-        raise IPAdapterError(
-            f"{path}: {cfg.kind} image projection is incomplete or mixed (missing: {missing[:4]}, unexpected: {extra[:4]})"
-        )
+    check_tensors(cfg, official, source=str(path))
     return cfg, official
+
+
+def check_tensors(cfg: AdapterConfig, official: Tensors, source: str = "checkpoint") -> None:
+    """Every tensor the config implies is there with its shape, and nothing else (a damaged or mixed file)."""
+    from .adapter import Adapter
+
+    with torch.device("meta"):  # shapes only: no memory, no random initialisation
+        expected = {k: tuple(v.shape) for k, v in Adapter(cfg).state_dict().items()}
+    proj, attn = split(official)
+    for prefix, part in (("image_proj.", proj), ("ip_adapter.", attn)):
+        want = {k[len(prefix):] for k in expected if k.startswith(prefix)}
+        if set(part) != want:
+            missing, extra = sorted(want - set(part)), sorted(set(part) - want)
+            what = f"{cfg.kind} image projection" if prefix == "image_proj." else "attention weights"
+            raise IPAdapterError(
+                f"{source}: {what} incomplete or mixed (missing: {missing[:4]}, unexpected: {extra[:4]})"
+            )
+    for key, shape in expected.items():
+        if tuple(official[key].shape) != shape:
+            raise IPAdapterError(
+                f"{source}: '{key}' has shape {list(official[key].shape)}, a {cfg.kind} adapter with these widths "
+                f"needs {list(shape)} (damaged or mixed file)"
+            )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -303,7 +354,7 @@ def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: T
         "ipadapter_format": FORMAT_VERSION,
         "kind": config.kind,
         "num_tokens": str(config.num_tokens),
-        "base_family": config.base_family,
+        "base_family": config.base_family or guess_base_family(config.cross_attention_dim, config.num_layers),
         "ipadapter_config": config.to_json(),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in official.items()}

@@ -1,11 +1,21 @@
-"""The ``ipadapter`` command: a thin layer over the library. Bad input -> one line on stderr, exit 2."""
+"""The ``ipadapter`` command: a thin layer over the library. Bad input -> one line on stderr, exit 2.
+
+``generate`` takes repeated groups (see ``GENERATE_GRAMMAR``, shown by ``ipadapter generate --help``): each
+``--adapter FILE`` starts a group and the per-adapter flags after it (``--image``, ``--image-weight``,
+``--image-mask``, ``--negative-image``, ``--embeds``, ``--face-embeds``, ``--scale``, ``--combine``, ``--start``,
+``--end``, ``--curve``, ``--blocks``) belong to it, flags before the first ``--adapter`` to the first group; each
+``--controlnet DIR`` starts a group for ``--control-image`` and ``--control-scale``. Per-image flags pair up by
+order within their group. ``embed`` writes image embeddings with their negative for ``generate --embeds``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import IPAdapterError
@@ -38,6 +48,196 @@ def _size(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_libraries():
+    """No diffusers/transformers progress bars, info logs or FutureWarnings: stderr is for our one-line errors."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:  # restore for in-process callers (tests, notebooks)
+        for lib, (level, bars) in zip(libraries, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must be a fraction between 0 and 1")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, or one per image separated by commas") from None
+
+
+class _Grouped(argparse.Action):
+    """Repeated groups on one command line: ``--adapter A ... --adapter B ...``, ``--controlnet C ...``.
+
+    The flag that starts a group (``starts``) opens a new one; every other grouped flag fills the latest group
+    (flags before the first starter belong to the first group). A single-valued flag may appear once per group.
+    """
+
+    def __init__(self, option_strings, dest, group: str, key: str, repeat: bool = False, starts: bool = False,
+                 **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
+        self.group, self.key, self.repeat, self.starts = group, key, repeat, starts
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        groups = getattr(namespace, f"{self.group}_groups", None)
+        if groups is None:
+            groups = []
+            setattr(namespace, f"{self.group}_groups", groups)
+        if self.starts:
+            if groups and not groups[-1].get("_started"):
+                group = groups[-1]  # flags given before the first starter are this group's
+            else:
+                group = {}
+                groups.append(group)
+            group[self.key], group["_started"] = values, True
+            return
+        if not groups:
+            groups.append({})
+        group = groups[-1]
+        if self.repeat:
+            group.setdefault(self.key, []).append(values)
+        elif self.key in group:
+            parser.error(f"{option_string} given twice for --{self.group} {len(groups)}; "
+                         f"each --{self.group} takes its own (see the grammar in --help)")
+        else:
+            group[self.key] = values
+
+
+GENERATE_GRAMMAR = """\
+Several adapters and ControlNets (a group grammar):
+  Each --adapter FILE starts a group; the per-adapter options that follow it, up to the next --adapter,
+  belong to it. Options given before the first --adapter belong to the first one (or to the default
+  adapter of the embedded world model when no --adapter is given). Per-adapter options:
+    --image PATH           prompt image; repeat for several
+    --image-weight F       one per --image of the group, in the same order (default 1 each)
+    --image-mask PATH      grayscale region mask (white = where the image acts); one per --image,
+                           or one with --combine average/norm-average
+    --negative-image PATH  replaces the zero embedding of the unconditional branch: one, or one per --image
+    --embeds FILE          precomputed embeddings from `ipadapter embed` (no image encoder is loaded
+                           when every adapter has them)
+    --face-embeds FILE     FaceID: face-ID embeddings
+    --scale, --combine, --start, --end, --curve, --blocks: once per adapter
+  Each --controlnet DIR starts a ControlNet group; --control-image PATH (required) and --control-scale F
+  after it belong to it. The ControlNet sees the text prompt only; the adapter steers the UNet.
+  Init images, masks and control images of another size than the output are resized, with a note.
+
+Examples:
+  ipadapter generate --image red-circle.png --image-mask left.png \\
+                     --image blue-square.png --image-mask right.png -o regions.png
+  ipadapter generate --adapter plus.safetensors --image style.png --blocks style \\
+                     --adapter plus-face.safetensors --image face.png --scale 0.6 --start 0.3 -o out.png
+  ipadapter generate --image ref.png --init-image photo.png --strength 0.6 -o out.png
+  ipadapter generate --image ref.png --controlnet cn-depth/ --control-image depth.png -o out.png
+  ipadapter embed --image ref.png --negative-image blur.png -o ref.safetensors
+  ipadapter generate --embeds ref.safetensors -o out.png
+"""
+
+
+def _add_generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="generate images from image (and text) prompts", epilog=GENERATE_GRAMMAR,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
+    g.add_argument("--image-encoder", help="CLIP vision folder (default: the model's image_encoder/, then one "
+                                           "beside the adapter file)")
+    a = g.add_argument_group("per adapter (each --adapter starts a group, see below)")
+
+    def grouped(flag: str, key: str, **kwargs) -> None:
+        a.add_argument(flag, action=_Grouped, dest=f"_adapter_{key}", group="adapter", key=key, **kwargs)
+
+    grouped("--adapter", "adapter", starts=True, metavar="FILE",
+            help="adapter file (.safetensors/.bin; default: the world model's global adapter); repeat for several")
+    grouped("--image", "images", repeat=True, metavar="PATH", help="prompt image; repeat for several")
+    grouped("--image-weight", "weights", repeat=True, type=_scale, metavar="F",
+            help="weight of the matching --image (concat: weight k counts the image k times)")
+    grouped("--image-mask", "masks", repeat=True, metavar="PATH",
+            help="grayscale region mask of the matching --image (white: the image acts there)")
+    grouped("--negative-image", "negative_images", repeat=True, metavar="PATH",
+            help="image the unconditional branch uses instead of the zero embedding")
+    grouped("--embeds", "embeds", metavar="FILE", help="precomputed embeddings (`ipadapter embed`)")
+    grouped("--face-embeds", "face_embeds", metavar="FILE",
+            help="FaceID: face-ID embeddings (.npy/.safetensors, [n, 512])")
+    grouped("--scale", "scale", type=_scale, metavar="F",
+            help="adapter weight (default 1.0 for image-only prompts, 0.5 with a text prompt)")
+    grouped("--combine", "combine", choices=("concat", "average", "norm-average"),
+            help="several images: concat (tokens side by side, default), average, norm-average (weighted mean)")
+    grouped("--start", "start", type=_fraction, metavar="F",
+            help="fraction of the denoising where the adapter starts acting (default 0)")
+    grouped("--end", "end", type=_fraction, metavar="F", help="... and where it stops (default 1)")
+    grouped("--curve", "curve", choices=("constant", "linear", "ease-in", "ease-out"),
+            help="weight across [start, end]: constant, or a fade to 0: linear, ease-in (1-u^2), ease-out ((1-u)^2)")
+    grouped("--blocks", "blocks", metavar="SPEC",
+            help="per-block scales: a preset (style, composition), BLOCK=F entries (e.g. "
+                 "'up_blocks.0.attentions.1=1,down_blocks.2=0.5', '*=F' for the rest; unnamed blocks get 0)")
+
+    s = g.add_argument_group("img2img, inpainting, ControlNet")
+    s.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
+    s.add_argument("--strength", type=_fraction, default=None,
+                   help="img2img: how far to move from the init image (diffusers' default: 0.8, inpainting 1)")
+    s.add_argument("--inpaint-mask", metavar="PATH", help="inpainting: white = repaint (needs --init-image)")
+    s.add_argument("--controlnet", action=_Grouped, dest="_controlnet_dir", group="controlnet", key="dir",
+                   starts=True, metavar="DIR", help="ControlNet folder; repeat for several")
+    s.add_argument("--control-image", action=_Grouped, dest="_controlnet_image", group="controlnet", key="image",
+                   metavar="PATH", help="control image of the preceding --controlnet")
+    s.add_argument("--control-scale", action=_Grouped, dest="_controlnet_scale", group="controlnet", key="scale",
+                   type=_finite, metavar="F", help="conditioning scale of the preceding --controlnet (default 1)")
+
+    g.add_argument("--prompt", default="", help="text prompt (default: none, an image-only prompt)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=_positive_int, default=30)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--seed", type=_seeds, default=[0],
+                   help='S: image k gets torch.Generator("cpu").manual_seed(S+k) (remake it alone with --seed S+k); '
+                        "or S1,S2,... one per image")
+    g.add_argument("--width", type=_size, default=None, help="output width (default: the model's)")
+    g.add_argument("--height", type=_size, default=None, help="output height (default: the model's)")
+    g.add_argument("--num-images", type=_positive_int, default=1)
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("-o", "--output", required=True, help="output PNG file, or a folder")
+
+
+def _add_embed_parser(sub) -> None:
+    e = sub.add_parser("embed", help="precompute image embeddings (with their negative) for generate --embeds")
+    e.add_argument("--model", help="model folder whose image_encoder/ to use (default: the embedded world model)")
+    e.add_argument("--adapter", help="the adapter the embeddings are for (it decides which encoder feature)")
+    e.add_argument("--image-encoder", help="CLIP vision folder (default: the model's, then one beside the adapter)")
+    e.add_argument("--image", action="append", default=[], required=True, help="prompt image; repeat for several")
+    e.add_argument("--negative-image", action="append", default=[],
+                   help="negative image: one for all, or one per --image (default: the zero embedding)")
+    e.add_argument("--device", default=None)
+    e.add_argument("-o", "--output", required=True, help="output .safetensors file")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -47,25 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ipadapter", description="IP-Adapter: image prompts for Stable Diffusion (SD 1.x, SDXL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    g = sub.add_parser("generate", help="generate images from image (and text) prompts")
-    g.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
-    g.add_argument("--adapter", help="adapter file (.safetensors/.bin; default: the world model's global adapter)")
-    g.add_argument("--image-encoder", help="CLIP vision folder (default: the model's image_encoder/, then one "
-                                           "beside the adapter file)")
-    g.add_argument("--image", action="append", default=[], help="prompt image; repeat for several (tokens concatenated)")
-    g.add_argument("--face-embeds", help="FaceID: face-ID embeddings (.npy/.safetensors, [n, 512])")
-    g.add_argument("--prompt", default="", help="text prompt (default: none, an image-only prompt)")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--scale", type=_scale, default=None,
-                   help="adapter weight (default 1.0 for image-only prompts, 0.5 with a text prompt)")
-    g.add_argument("--steps", type=_positive_int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--seed", type=int, default=0, help='torch.Generator("cpu").manual_seed(S), as diffusers')
-    g.add_argument("--width", type=_size, default=None)
-    g.add_argument("--height", type=_size, default=None)
-    g.add_argument("--num-images", type=_positive_int, default=1)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("-o", "--output", required=True, help="output PNG file, or a folder")
+    _add_generate_parser(sub)
+    _add_embed_parser(sub)
 
     i = sub.add_parser("inspect", help="print an adapter file's kind, tokens, widths, layers, parameters")
     i.add_argument("file")
@@ -73,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="rewrite any readable adapter layout as official .safetensors")
     c.add_argument("input")
     c.add_argument("output")
+    from .evaluate import add_eval_parser  # `ipadapter eval`: evaluate.py owns its flags
+
+    add_eval_parser(sub)
+    from .ui import add_ui_parser  # `ipadapter ui`: ui.py owns its flags
+
+    add_ui_parser(sub)
+    from .train import add_train_parser  # `ipadapter train`: train.py owns its flags
+
+    add_train_parser(sub)
     return parser
 
 
@@ -80,8 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        handler = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}[args.command]
-        return handler(args) or 0
+        from .evaluate import cmd_eval
+        from .train import cmd_train
+        from .ui import cmd_ui
+
+        handler = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
+                   "eval": cmd_eval, "ui": cmd_ui, "embed": cmd_embed, "train": cmd_train}[args.command]
+        # inspect/convert never load diffusers/transformers: do not pay for importing their logging
+        with _quiet_libraries() if args.command not in ("inspect", "convert") else contextlib.nullcontext():
+            return handler(args) or 0
     except IPAdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -140,48 +339,203 @@ def _outputs(output: str, count: int, seed: int) -> list[Path]:
     return [out / f"ipadapter-{seed}-{k}.png" for k in range(count)]
 
 
-def cmd_generate(args) -> int:
-    import torch
+@contextlib.contextmanager
+def _notes():
+    """Print library notes (an image resized ...) as ``note: ...`` lines on stderr as they happen."""
+    from .controls import IPAdapterNote
 
-    from .pipeline import load, load_pipeline, save_png
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", IPAdapterNote)
+        shown = warnings.showwarning
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, adapter = args.model, args.adapter
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, IPAdapterNote):
+                print(f"note: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
+def _adapter_groups(args) -> tuple[str, list[dict]]:
+    """(model, one dict per adapter group) with the defaults filled in and the counts checked."""
+    groups = [dict(g) for g in getattr(args, "adapter_groups", None) or [{}]]
+    model = args.model
     if model is None:
         from .pipeline import embedded_model
 
         model, default_adapter = embedded_model()
-        adapter = adapter or default_adapter
-    if adapter is None:
+        if groups[0].get("adapter") is None:
+            groups[0]["adapter"] = default_adapter
+    if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
-    if not args.image and not args.face_embeds:
-        raise IPAdapterError("give at least one --image PATH (or --face-embeds for FaceID adapters)")
+    several = len(groups) > 1
+    for k, g in enumerate(groups, 1):
+        name = f"--adapter {k} ({os.path.basename(str(g['adapter']))}): " if several else ""
+        images, n = g.get("images", []), len(g.get("images", []))
+        if g.get("embeds") and (images or g.get("negative_images")):
+            raise IPAdapterError(f"{name}--embeds replaces --image and --negative-image (the file holds both)")
+        if not images and not g.get("embeds") and not g.get("face_embeds"):
+            raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
+                                 "FaceID adapters)")
+        if "weights" in g and images and len(g["weights"]) != n:
+            raise IPAdapterError(f"{name}{len(g['weights'])} --image-weight for {n} --image: give one per image")
+        combine = g.get("combine", "concat")
+        if "masks" in g and images:
+            want = n if combine == "concat" else 1
+            if len(g["masks"]) != want:
+                per = "one per --image" if combine == "concat" else f"one with --combine {combine}"
+                raise IPAdapterError(f"{name}{len(g['masks'])} --image-mask for {n} --image: give {per}")
+        negatives = g.get("negative_images", [])
+        if negatives and images and len(negatives) not in (1, n):
+            raise IPAdapterError(f"{name}{len(negatives)} --negative-image for {n} --image: give one, or one per image")
+        g["label"] = name
+    return model, groups
+
+
+def cmd_generate(args) -> int:
+    import torch
+
     from .encoders import load_image
+    from .pipeline import ImagePrompt, load, load_pipeline, save_png
 
-    images = [load_image(p) for p in args.image]  # fail on a bad image before loading any model
-    outputs = _outputs(args.output, args.num_images, args.seed)
-    pipe = load_pipeline(model, device=device)
-    ip = load(pipe, adapter, image_encoder=args.image_encoder,
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, groups = _adapter_groups(args)
+    controls = [dict(c) for c in getattr(args, "controlnet_groups", None) or []]
+    for c in controls:
+        if c.get("dir") is None:
+            raise IPAdapterError("--control-image/--control-scale given without a --controlnet DIR to belong to")
+        if c.get("image") is None:
+            raise IPAdapterError(f"--controlnet {c['dir']}: no --control-image after it; each ControlNet needs one")
+    if args.inpaint_mask and not args.init_image:
+        raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
+    if args.strength is not None and not args.init_image:
+        raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
+    seeds = args.seed if len(args.seed) > 1 else args.seed[0]
+    if isinstance(seeds, list) and len(seeds) != args.num_images:
+        raise IPAdapterError(f"--seed: {len(seeds)} seeds for --num-images {args.num_images}; give one, or one each")
+    # fail on a bad image before loading any model (files named in notes are passed on as paths)
+    for g in groups:
+        g["image_names"] = [os.path.basename(str(p)) for p in g.get("images", [])]
+        g["images"] = [load_image(p) for p in g.get("images", [])]
+        g["negative_images"] = [load_image(p) for p in g.get("negative_images", [])]
+        g["masks"] = g.get("masks", [])
+    for path in [m for g in groups for m in g["masks"]] + [args.init_image, args.inpaint_mask] + \
+            [c["image"] for c in controls]:
+        if path:
+            load_image(path)
+    outputs = _outputs(args.output, args.num_images, seeds if isinstance(seeds, int) else seeds[0])
+
+    need_encoder = any(not g.get("embeds") for g in groups)
+    pipe = load_pipeline(model, device=device, image_encoder=need_encoder)
+    ip = load(pipe, [g["adapter"] for g in groups], image_encoder=args.image_encoder if need_encoder else False,
               model_dir=model if Path(str(model)).is_dir() else None)
-    scale = args.scale if args.scale is not None else (0.5 if args.prompt else 1.0)
-    from .pipeline import ImagePrompt
-
-    prompt = ImagePrompt(images=images, scale=scale, face_embeds=args.face_embeds)
-    generated = ip.generate(prompts=[prompt], prompt=args.prompt, negative_prompt=args.negative_prompt,
-                            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                            width=args.width, height=args.height, num_images=args.num_images)
-    params = (
-        f"{args.prompt}\nNegative prompt: {args.negative_prompt or ''}\n"
-        f"Steps: {args.steps}, Sampler: {type(pipe.scheduler).__name__}, CFG scale: {args.guidance}, "
-        f"Seed: {args.seed}, Size: {generated[0].width}x{generated[0].height}, Model: {model}, "
-        f"IP-Adapter: {os.path.basename(str(adapter))}, IP-Adapter scale: {scale}, "
-        f"IP-Adapter images: {', '.join(os.path.basename(str(p)) for p in args.image)}"
-    )
-    for image, path in zip(generated, outputs):
-        save_png(image, path, params)
+    default_scale = 0.5 if args.prompt else 1.0
+    prompts = [
+        ImagePrompt(images=g["images"], scale=g.get("scale", default_scale), negative_images=g["negative_images"],
+                    face_embeds=g.get("face_embeds"), embeds=g.get("embeds"), weights=g.get("weights"),
+                    combine=g.get("combine", "concat"), masks=g["masks"], start=g.get("start", 0.0),
+                    end=g.get("end", 1.0), curve=g.get("curve", "constant"), blocks=g.get("blocks"))
+        for g in groups
+    ]
+    with _notes():
+        generated = ip.generate(
+            prompts=prompts, prompt=args.prompt, negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seeds, width=args.width,
+            height=args.height, num_images=args.num_images, strength=args.strength,
+            control_scales=[c.get("scale", 1.0) for c in controls] or None, init_image=args.init_image,
+            mask_image=args.inpaint_mask, controlnets=[c["dir"] for c in controls] or None,
+            control_images=[c["image"] for c in controls] or None,
+        )
+    seed_list = seeds if isinstance(seeds, list) else [seeds + k for k in range(args.num_images)]
+    for k, (image, path) in enumerate(zip(generated, outputs)):
+        save_png(image, path, _parameters(args, pipe, model, groups, controls, seed_list[k], image))
         print(path)
     return 0
 
+
+def _parameters(args, pipe, model, groups, controls, seed: int, image) -> str:
+    """The PNG "parameters" text: A1111's layout, then one line per adapter and ControlNet."""
+    lines = [
+        args.prompt,
+        f"Negative prompt: {args.negative_prompt or ''}",
+        f"Steps: {args.steps}, Sampler: {type(pipe.scheduler).__name__}, CFG scale: {args.guidance}, Seed: {seed}, "
+        f"Size: {image.width}x{image.height}, Model: {model}",
+    ]
+    base = os.path.basename
+    for g in groups:
+        parts = [f"IP-Adapter: {base(str(g['adapter']))}",
+                 f"scale: {g.get('scale', 0.5 if args.prompt else 1.0)}"]
+        if g.get("embeds"):
+            parts.append(f"embeds: {base(str(g['embeds']))}")
+        names = g["image_names"]
+        if names:
+            weights = g.get("weights") or [1.0] * len(names)
+            parts.append("images: " + ", ".join(f"{n} ({w:g})" for n, w in zip(names, weights)))
+        for key in ("combine", "start", "end", "curve", "blocks"):
+            if key in g:
+                parts.append(f"{key}: {g[key]}")
+        if g["masks"]:
+            parts.append("masks: " + ", ".join(base(str(m)) for m in g["masks"]))
+        if g["negative_images"]:
+            parts.append(f"negative images: {len(g['negative_images'])}")
+        lines.append(", ".join(parts))
+    if args.init_image:
+        lines.append(f"Init image: {base(args.init_image)}, strength: {args.strength if args.strength else 'default'}"
+                     + (f", inpaint mask: {base(args.inpaint_mask)}" if args.inpaint_mask else ""))
+    for c in controls:
+        lines.append(f"ControlNet: {base(str(c['dir']).rstrip('/'))}, image: {base(c['image'])}, "
+                     f"scale: {c.get('scale', 1.0)}")
+    return "\n".join(lines)
+
+
+def cmd_embed(args) -> int:
+    from types import SimpleNamespace
+
+    from .adapter import Adapter
+    from .checkpoint import read_checkpoint
+    from .controls import save_embeds
+    from .encoders import ImageEncoder, load_image
+    from .pipeline import _feature_field, encode_prompt, find_image_encoder
+
+    model, adapter = args.model, args.adapter
+    if model is None:  # the embedded world model: its encoder, and its adapter unless one is given
+        from .pipeline import embedded_model
+
+        try:
+            model, default_adapter = embedded_model()
+            adapter = adapter or default_adapter
+        except IPAdapterError:
+            if adapter is None:
+                raise
+    if adapter is None:
+        raise IPAdapterError("--adapter FILE is required with --model (it decides which encoder feature to store)")
+    out = Path(args.output)
+    if out.suffix != ".safetensors":
+        raise IPAdapterError(f"{out}: embeddings are written as .safetensors; give a name ending in .safetensors")
+    cfg, _ = read_checkpoint(adapter)
+    if cfg.uses_face_id:
+        raise IPAdapterError(f"{adapter}: {cfg.kind} adapters take face-ID embeddings directly (--face-embeds)")
+    images = [load_image(p) for p in args.image]
+    negatives = [load_image(p) for p in args.negative_image]
+    if negatives and len(negatives) not in (1, len(images)):
+        raise IPAdapterError(f"{len(negatives)} --negative-image for {len(images)} --image: give one, or one per image")
+    encoder_dir = find_image_encoder(adapter, model if model and Path(str(model)).is_dir() else None,
+                                     args.image_encoder)
+    encoder = ImageEncoder.from_pretrained(encoder_dir)
+    if args.device:
+        encoder.model.to(args.device)
+    Adapter.check_encoder(SimpleNamespace(config=cfg), encoder.model, source=str(adapter))  # reads only .config
+    cond, uncond = encode_prompt(cfg, encoder, images, negatives)
+    field = _feature_field(cfg)
+    meta = {"feature": field, "adapter_kind": cfg.kind, "encoder": str(encoder_dir),
+            "images": ", ".join(os.path.basename(p) for p in args.image),
+            "negative_images": ", ".join(os.path.basename(p) for p in args.negative_image)}
+    save_embeds(out, cond, uncond, meta)
+    width = getattr(cond, field).shape[-1]
+    print(f"wrote {out} ({len(images)} image(s), {field} of width {width}, with their negative)")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -52,11 +52,20 @@ class AdapterConfig:
     id_embed_dim: int = 0
     id_hidden_dim: int = 0
     lora_layers: dict[int, int] = field(default_factory=dict)
+    # FaceID-PlusV2: ID tokens added back to the resampler output, weighted by s_scale. The tensors are those of
+    # FaceID-Plus, so this cannot be read from a file: set it (saved in our metadata once written).
+    shortcut: bool = False
+    s_scale: float = 1.0
     base_family: str = ""  # "sd15", "sdxl", "sd2" ... when known; informational
+    # "decoupled": the paper's separate image K/V per layer. "concat": the paper's "simple adapter" ablation,
+    # image tokens appended to the text tokens of the existing cross-attention (no new K/V; projection only).
+    attention: str = "decoupled"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.attention not in ("decoupled", "concat"):
+            raise ValueError(f"unknown attention mode {self.attention!r}; expected 'decoupled' or 'concat'")
         self.layer_widths = {int(k): int(v) for k, v in self.layer_widths.items()}
         self.lora_layers = {int(k): int(v) for k, v in self.lora_layers.items()}
 

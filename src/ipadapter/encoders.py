@@ -9,6 +9,7 @@ black picture) for patch kinds.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
     if not path.is_file():
         raise IPAdapterError(f"{path}: no such image file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns on huge images before we can refuse them ourselves
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise IPAdapterError(
                     f"{path}: {img.width}x{img.height} is over 50 megapixels; resize it first (prompt images are "
@@ -44,8 +48,12 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
             return to_rgb(img, str(path))
     except IPAdapterError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise IPAdapterError(f"{path}: not a readable image ({' '.join(str(e).split())[:120]}); use PNG, JPEG or WebP") from None
+    except Image.DecompressionBombError as e:  # PIL refuses on its own past ~179 megapixels
+        reason = " ".join(str(e).split())[:80]
+        raise IPAdapterError(f"{path}: over 50 megapixels ({reason}); resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        reason = " ".join(str(e).split())[:120]
+        raise IPAdapterError(f"{path}: not a readable image ({reason}); use PNG, JPEG or WebP") from None
 
 
 def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
@@ -89,6 +97,14 @@ def load_face_embeddings(path: str | os.PathLike) -> torch.Tensor:
     return t
 
 
+def sized_for(processor, model) -> bool:
+    """Whether ``processor`` makes pictures of the encoder's input size (a safety checker's 224 px extractor
+    does not fit a 336 px encoder, nor a tiny test one)."""
+    crop = getattr(processor, "crop_size", None)
+    height = crop.get("height") if hasattr(crop, "get") else crop
+    return height is not None and int(height) == int(model.config.image_size)
+
+
 @dataclass
 class Features:
     """Encoder outputs for n images: whichever of the three feature kinds the adapter reads."""
@@ -115,21 +131,29 @@ class ImageEncoder:
         self.processor = processor
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, processor=None, **kwargs) -> ImageEncoder:
+    def from_pretrained(cls, path: str | os.PathLike, processor=None, fallback=None, **kwargs) -> ImageEncoder:
+        """Load an encoder folder. Preprocessing: ``processor``, else the folder's own preprocessor config, else
+        the model folder's ``feature_extractor/`` beside it or ``fallback`` (a pipeline's feature extractor) when
+        sized for this encoder, else a CLIPImageProcessor sized to the encoder."""
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise IPAdapterError(f"{path}: not an image-encoder folder (no config.json); give a CLIPVisionModelWithProjection folder")
+            raise IPAdapterError(
+                f"{path}: not an image-encoder folder (no config.json); give a CLIPVisionModelWithProjection folder"
+            )
         try:
             model = CLIPVisionModelWithProjection.from_pretrained(str(path), **kwargs)
         except Exception as e:  # noqa: BLE001
             raise IPAdapterError(f"{path}: cannot load the image encoder ({' '.join(str(e).split())[:140]})") from None
+        if processor is None and (path / "preprocessor_config.json").is_file():
+            processor = CLIPImageProcessor.from_pretrained(str(path))
         if processor is None:
-            for candidate in (path, path.parent / "feature_extractor"):
-                if (candidate / "preprocessor_config.json").is_file():
-                    processor = CLIPImageProcessor.from_pretrained(str(candidate))
-                    break
+            sibling = path.parent / "feature_extractor"
+            guesses = []
+            if (sibling / "preprocessor_config.json").is_file():
+                guesses.append(CLIPImageProcessor.from_pretrained(str(sibling)))
+            processor = next((p for p in [*guesses, fallback] if p is not None and sized_for(p, model)), None)
         return cls(model, processor)
 
     @property

@@ -7,22 +7,41 @@
     ip.set_images(["cat.png"], scale=0.6)                    # or drive the pipeline yourself
     pipe(prompt="a cat on a beach", generator=torch.Generator("cpu").manual_seed(0))
 
+Every control is a keyword of ``generate`` (one adapter) or a field of :class:`ImagePrompt` (one per adapter):
+
+    ip.generate(images=["a.png", "b.png"], weights=[1, 2], combine="concat",   # or average / norm-average
+                masks=["left.png", "right.png"], negative_images=["blur.png"],
+                start=0.2, end=1.0, curve="linear", blocks="style",           # or {"up": {"block_0": [0, 1, 0]}}
+                init_image="photo.png", strength=0.6, mask_image="hole.png",  # img2img / inpainting
+                controlnets=["cn-depth/"], control_images=["depth.png"], control_scales=[0.8],
+                seed=0, num_images=4)                                          # image k: seed 0 + k
+    ip = ipadapter.load(pipe, ["plus.safetensors", "plus-face.safetensors"])
+    ip.generate(prompts=[ImagePrompt(images=["style.png"], blocks="style"),
+                         ImagePrompt(images=["face.png"], scale=0.6, start=0.3)])
+    ip.set_images(prompt=ImagePrompt(...)); ip.pipeline_for("img2img")(prompt="...", image=init)
+
 The image features, projection and every layer's image keys/values are computed once per generation; the
 pipeline's own IP-Adapter path is never used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
+import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .adapter import Adapter, attach, detach, runtime_of
-from .encoders import Features, ImageEncoder, load_face_embeddings
+from . import controls
+from .adapter import Adapter, attach, detach, runtime_of, unet_layers
+from .encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from .errors import IPAdapterError
 
 
@@ -34,18 +53,24 @@ def is_sdxl(pipe_or_dir) -> bool:
     return hasattr(pipe_or_dir, "text_encoder_2")
 
 
-def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A diffusers text-to-image pipeline from a local folder or a hub id (SD 1.x/2.x or SDXL, detected)."""
+def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
+                  image_encoder: bool = True):
+    """A diffusers text-to-image pipeline from a local folder or a hub id (SD 1.x/2.x or SDXL, detected).
+
+    ``image_encoder=False`` leaves out the model's image encoder (precomputed embeddings need none).
+    """
     from diffusers import DiffusionPipeline
 
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     path = Path(model)
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    kwargs[_dtype_keyword()] = dtype
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise IPAdapterError(f"{path}: not a diffusers model folder (no model_index.json)")
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            with _without_image_encoder(path) if not image_encoder else contextlib.nullcontext(path) as folder:
+                pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
         except Exception as e:  # noqa: BLE001 - a broken folder is bad input
             raise IPAdapterError(f"{path}: cannot load the model ({' '.join(str(e).split())[:160]})") from None
     else:
@@ -54,6 +79,34 @@ def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dt
         raise IPAdapterError(f"{model}: not a UNet text-to-image model (IP-Adapter needs SD 1.x, 2.x or SDXL)")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _without_image_encoder(path: Path):
+    """The model folder as seen without its image encoder: diffusers loads an optional component listed in
+    model_index.json even when ``image_encoder=None`` is passed, so point it at a view (links to every other
+    entry, and an index that lists none) for the time of the load."""
+    index = json.loads((path / "model_index.json").read_text())
+    if "image_encoder" not in index:
+        yield path
+        return
+    index["image_encoder"] = [None, None]
+    with tempfile.TemporaryDirectory(prefix="ipadapter-model-") as tmp:
+        view = Path(tmp)
+        for entry in path.iterdir():
+            if entry.name not in ("model_index.json", "image_encoder"):
+                (view / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        (view / "model_index.json").write_text(json.dumps(index))
+        yield view
+
+
+def _dtype_keyword() -> str:
+    """Recent diffusers (0.42) take ``dtype=`` and warn on ``torch_dtype=``; older releases only know the latter."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401 - present where dtype= works
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
 
 def _from_hub(model_id: str, kwargs: dict):
@@ -95,14 +148,27 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
 # ------------------------------------------------------------------------------------------------ prompts
 @dataclass
 class ImagePrompt:
-    """What one adapter gets for a generation."""
+    """What one adapter gets for a generation (:mod:`ipadapter.controls` says what each control does)."""
 
     images: Sequence = ()  # paths or PIL images
     scale: float = 1.0
-    negative_images: Sequence = ()  # replace the zero/uncond branch
+    negative_images: Sequence = ()  # replace the zero/uncond branch: one for all images, or one per image
     face_embeds: torch.Tensor | str | None = None  # FaceID: [n, 512] or a file
-    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # precomputed (negative, positive) tokens' features
+    # precomputed encoder features instead of images: an `ipadapter embed` file, or (negative, positive)
+    # as Features or as tensors of the feature this adapter reads
+    embeds: str | os.PathLike | tuple | None = None
     extra: dict = field(default_factory=dict)
+    weights: Sequence[float] | None = None  # one per image (None: all 1)
+    combine: str = "concat"  # concat | average | norm-average
+    masks: Sequence | None = None  # grayscale region masks: one per image (concat), or one (average modes)
+    start: float = 0.0  # fraction of the denoising where the adapter starts acting ...
+    end: float = 1.0  # ... and stops
+    curve: str = "constant"  # constant | linear | ease-in | ease-out, across [start, end]
+    blocks: str | Mapping | None = None  # "style", "composition", "down_blocks.2=0.5,*=1", or diffusers' dict
+
+
+PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "scale"}
+MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
 
 def check_scale(scale: float) -> float:
@@ -112,26 +178,73 @@ def check_scale(scale: float) -> float:
     return scale
 
 
+def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
+                  negative_images: Sequence = ()) -> tuple[Features, Features]:
+    """(cond, uncond) encoder features of prompt images as an adapter of ``config`` reads them.
+
+    The unconditional branch is the reference's (zero embedding / zero pixels) unless negative images are
+    given: one for all the images, or one per image.
+    """
+    if not images:
+        raise IPAdapterError(f"{config.kind} adapter: no prompt image given")
+    cond, uncond = encoder.encode(config, list(images))
+    if negative_images:
+        neg, _ = encoder.encode(config, list(negative_images))
+        uncond = _broadcast_features(neg, cond)
+    return cond, uncond
+
+
+def _feature_field(config) -> str:
+    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate"}.get(config.kind, "face_id")
+
+
+def _count(features: Features) -> int:
+    return next(t.shape[0] for t in (features.image_embeds, features.penultimate, features.face_id) if t is not None)
+
+
+def _combine_features(features: Features, weights, mode: str) -> Features:
+    return Features(*(controls.combine(t, weights, mode) if t is not None else None
+                      for t in (features.image_embeds, features.penultimate, features.face_id)))
+
+
+def _reset(state) -> None:
+    state.set_tokens(None)
+    state.scale, state.layer_scales, state.schedule = 1.0, {}, None
+    state.masks, state.image_weights = None, None
+
+
 class IPAdapter:
-    """A diffusers pipeline with one or more adapters attached to its UNet."""
+    """A diffusers pipeline with one or more adapters attached to its UNet.
+
+    img2img, inpainting and ControlNet run on pipelines built from the same components (:meth:`pipeline_for`):
+    they share the UNet, so the adapter acts there too, and a ControlNet only ever sees the text embeddings.
+    """
 
     def __init__(self, pipe, adapters: Sequence[Adapter], image_encoder: ImageEncoder | None = None):
         self.pipe = pipe
         self.adapters = list(adapters)
         self.image_encoder = image_encoder
+        self._variants: dict[tuple, object] = {}
+        self._controlnets: dict[str, object] = {}
         for adapter in self.adapters:
-            if image_encoder is not None and not adapter.config.uses_face_id:
+            if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
             attach(pipe.unet, adapter)
         runtime = runtime_of(pipe.unet)
         runtime.num_train_timesteps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
-        runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        self._follow(pipe)
+
+    def _follow(self, pipe) -> None:
+        """The adapter reads whether guidance is on from the pipeline that runs (see :meth:`pipeline_for`)."""
+        runtime_of(self.pipe.unet).cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
     def features(self, adapter: Adapter, prompt: ImagePrompt) -> tuple[Features, Features]:
-        """(cond, uncond) encoder features for one adapter's prompt."""
+        """(cond, uncond) encoder features for one adapter's prompt (per image, not yet combined)."""
         cfg = adapter.config
+        if prompt.embeds is not None:
+            return self._embeds(adapter, prompt)
         if cfg.uses_face_id:
             faces = prompt.face_embeds
             if faces is None:
@@ -148,11 +261,33 @@ class IPAdapter:
             return cond, uncond
         if not prompt.images:
             raise IPAdapterError(f"{cfg.kind} adapter: no prompt image given")
-        cond, uncond = self._encoder().encode(cfg, prompt.images)
-        if prompt.negative_images:
-            neg, _ = self._encoder().encode(cfg, prompt.negative_images)
-            uncond = _broadcast_features(neg, cond)
-        return cond, uncond
+        return encode_prompt(cfg, self._encoder(), prompt.images, prompt.negative_images)
+
+    def _embeds(self, adapter: Adapter, prompt: ImagePrompt) -> tuple[Features, Features]:
+        cfg, source = adapter.config, prompt.embeds
+        if prompt.images or prompt.negative_images:
+            raise IPAdapterError("--embeds replaces --image and --negative-image (the file holds both); give one")
+        if cfg.uses_face_id:
+            raise IPAdapterError(f"{cfg.kind} adapter: FaceID reads --face-embeds, not image embeddings")
+        name = _feature_field(cfg)
+        if isinstance(source, (str, os.PathLike)):
+            cond, uncond, _ = controls.load_embeds(source)
+            where = str(source)
+        else:
+            negative, positive = source
+            if torch.is_tensor(positive):
+                positive, negative = Features(**{name: positive}), Features(**{name: negative})
+            cond, uncond, where = positive, negative, "embeds"
+        c, u = getattr(cond, name), getattr(uncond, name)
+        if c is None or u is None:
+            held = [f for f in controls.FEATURE_FIELDS if getattr(cond, f) is not None]
+            raise IPAdapterError(f"{where}: holds {', '.join(held) or 'nothing'}; this {cfg.kind} adapter reads {name}")
+        if c.shape[-1] != cfg.embed_dim or c.shape != u.shape:
+            raise IPAdapterError(
+                f"{where}: {name} of width {c.shape[-1]}; this {cfg.kind} adapter reads width {cfg.embed_dim} "
+                "(embeddings made with another image encoder?)"
+            )
+        return Features(**{name: c}), Features(**{name: u})
 
     def _encoder(self) -> ImageEncoder:
         if self.image_encoder is None:
@@ -160,14 +295,52 @@ class IPAdapter:
         return self.image_encoder
 
     @torch.no_grad()
+    def embed(self, images: Sequence, negative_images: Sequence = (), adapter: int = 0) -> tuple[Features, Features]:
+        """(cond, uncond) features to save with :func:`ipadapter.controls.save_embeds` (``ipadapter embed``)."""
+        return encode_prompt(self.adapters[adapter].config, self._encoder(), images, negative_images)
+
+    @torch.no_grad()
     def set_images(self, images: Sequence | None = None, scale: float = 1.0, adapter: int = 0,
-                   prompt: ImagePrompt | None = None) -> None:
-        """Condition the next ``pipe(...)`` calls on these prompt images (tokens concatenated)."""
+                   prompt: ImagePrompt | None = None, size: tuple[int, int] | None = None) -> None:
+        """Condition the next ``pipe(...)`` calls on these prompt images, with every control of ``prompt``.
+
+        ``size`` (width, height): the output size region masks are fitted to (default: the first mask's).
+        Everything is checked before anything is set, so bad input leaves the adapter as it was.
+        """
         prompt = prompt or ImagePrompt(images=list(images or []), scale=scale)
         target = self.adapters[adapter]
-        target.state.scale = check_scale(prompt.scale)
+        scale = check_scale(prompt.scale)
+        mode = controls.check_combine(prompt.combine)
+        sched = controls.schedule(prompt.start, prompt.end, prompt.curve)
+        layer_scales = controls.block_scales(unet_layers(self.pipe.unet), prompt.blocks) if prompt.blocks else {}
         cond, uncond = self.features(target, prompt)
-        self.set_tokens(target, target.project(cond), target.project(uncond))
+        n = _count(cond)
+        weights = controls.check_weights(prompt.weights, n)
+        masks = self._masks(prompt.masks, n, mode, size)
+        if mode != "concat":
+            cond, uncond = _combine_features(cond, weights, mode), _combine_features(uncond, weights, mode)
+        image_weights = None
+        if mode == "concat" and weights is not None and any(w != 1 for w in weights):
+            image_weights = torch.tensor(weights, dtype=torch.float32)
+        tokens = target.project_pair(cond, uncond)
+        state = target.state
+        state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
+        state.masks, state.image_weights = masks, image_weights
+        self.set_tokens(target, *tokens)
+
+    @staticmethod
+    def _masks(masks, n: int, mode: str, size: tuple[int, int] | None) -> torch.Tensor | None:
+        if not masks:
+            return None
+        masks = list(masks)
+        want = n if mode == "concat" else 1
+        if len(masks) != want:
+            per = "one per --image" if mode == "concat" else f"one for the {mode} of the images"
+            raise IPAdapterError(f"{len(masks)} --image-mask for {n} image(s) with --combine {mode}: give {per}")
+        loaded = [controls.load_mask(masks[0], size, "--image-mask")]
+        size = size or (loaded[0].shape[1], loaded[0].shape[0])
+        loaded += [controls.load_mask(m, size, "--image-mask") for m in masks[1:]]
+        return torch.stack(loaded)
 
     @staticmethod
     def set_tokens(adapter: Adapter, cond: torch.Tensor, uncond: torch.Tensor) -> None:
@@ -175,8 +348,9 @@ class IPAdapter:
         adapter.state.set_tokens(cond[None], uncond[None])
 
     def clear(self) -> None:
+        """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
         for adapter in self.adapters:
-            adapter.state.set_tokens(None)
+            _reset(adapter.state)
 
     def detach(self) -> None:
         self.clear()
@@ -184,34 +358,180 @@ class IPAdapter:
             detach(self.pipe.unet, adapter)
         self.adapters = []
 
+    # ------------------------------------------------------------------------------------------ pipelines
+    def pipeline_for(self, mode: str = "txt2img", controlnets: Sequence | None = None):
+        """The diffusers pipeline for ``mode`` (txt2img, img2img, inpaint), with ControlNet(s) if given.
+
+        Built once from the same components (``from_pipe``): it shares the UNet with the adapter attached.
+        The pipeline returned is also the one whose guidance flag the adapter follows, so call it next:
+        ``ip.set_images([...]); ip.pipeline_for("img2img")(prompt=..., image=init)``.
+        """
+        if mode not in MODES:
+            raise IPAdapterError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+        nets = [self.controlnet(c) for c in (controlnets or [])]
+        key = (mode, tuple(id(c) for c in nets))
+        pipe = self._variants.get(key)
+        if pipe is None:
+            pipe = self._build(mode, nets)
+            self._variants[key] = pipe
+        self._follow(pipe)
+        return pipe
+
+    def _build(self, mode: str, nets: list):
+        import diffusers
+
+        family = "StableDiffusionXL" if is_sdxl(self.pipe) else "StableDiffusion"
+        kind = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
+        name = f"{family}{'ControlNet' if nets else ''}{kind}Pipeline"
+        cls = getattr(diffusers, name)
+        if type(self.pipe) is cls and not nets:
+            return self.pipe
+        extra = {"controlnet": nets[0] if len(nets) == 1 else nets} if nets else {}
+        pipe = cls.from_pipe(self.pipe, **extra)
+        pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {"disable": True}))
+        return pipe
+
+    def controlnet(self, source):
+        """A ControlNetModel (loaded once per folder) checked against this UNet."""
+        if not isinstance(source, (str, os.PathLike)):
+            return load_controlnet(source, self.pipe.unet)
+        key = str(Path(source).resolve())
+        if key not in self._controlnets:
+            self._controlnets[key] = load_controlnet(source, self.pipe.unet)
+        return self._controlnets[key]
+
+    def output_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+        """(width, height): as given, else the model's default (UNet sample size x VAE factor)."""
+        default = int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 8))
+        return int(width or default), int(height or default)
+
     # -------------------------------------------------------------------------------------------- generate
     def generate(self, images: Sequence | None = None, prompt: str | Sequence[str] = "",
                  negative_prompt: str | None = None, scale: float | None = None,
                  prompts: Sequence[ImagePrompt] | None = None, num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5, seed: int | None = None, generator=None,
+                 guidance_scale: float = 7.5, seed: int | Sequence[int] | None = None, generator=None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
-                 output_type: str = "pil", **pipe_kwargs):
-        """Generate with image prompts. ``images``/``scale`` serve a single adapter; ``prompts`` one per adapter."""
+                 output_type: str = "pil", init_image=None, strength: float | None = None, mask_image=None,
+                 controlnets: Sequence | None = None, control_images: Sequence | None = None,
+                 control_scales: float | Sequence[float] | None = None, **pipe_kwargs):
+        """Generate with image prompts.
+
+        ``images``/``scale`` and any :class:`ImagePrompt` field as a keyword (``weights``, ``masks``,
+        ``negative_images``, ``blocks``, ``start`` ...) serve a single adapter; ``prompts`` gives one
+        ImagePrompt per adapter. ``init_image`` (+ ``strength``) makes it img2img, adding ``mask_image`` makes
+        it inpainting; ``controlnets`` (models or folders) with one control image each add structure control.
+        ``seed`` S gives image k the seed S+k (so it can be remade alone); a list gives one seed per image.
+        Side images of another size than the output are resized, with an :class:`IPAdapterNote`.
+        """
+        options = {k: pipe_kwargs.pop(k) for k in list(pipe_kwargs) if k in PROMPT_OPTIONS}
         if prompts is None:
             if len(self.adapters) != 1:
                 raise IPAdapterError(f"{len(self.adapters)} adapters attached: give one ImagePrompt per adapter")
             default = 1.0 if not prompt else 0.5
-            prompts = [ImagePrompt(images=list(images or []), scale=default if scale is None else scale)]
+            prompts = [ImagePrompt(images=list(images or []), scale=default if scale is None else scale, **options)]
+        elif images or options:
+            raise IPAdapterError("with prompts=[ImagePrompt ...], give images and their options inside each one")
         if len(prompts) != len(self.adapters):
             raise IPAdapterError(f"{len(prompts)} image prompt(s) for {len(self.adapters)} adapter(s)")
+        size = self.output_size(width, height)
+        call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
+                                       control_scales)
+        batch = (1 if isinstance(prompt, str) else len(prompt)) * int(num_images)
         if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(int(seed))
+            generator = [torch.Generator("cpu").manual_seed(s) for s in controls.seeds_for(seed, batch)]
+        call.update(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, generator=generator, width=size[0], height=size[1],
+                    num_images_per_prompt=num_images, output_type=output_type, **pipe_kwargs)
         try:
+            pipe = self.pipeline_for(mode, controlnets)
+            accepted = inspect.signature(type(pipe).__call__).parameters
+            for key in ("width", "height"):  # img2img pipelines take the size from the init image
+                if key not in accepted:
+                    call.pop(key)
+            if mode != "txt2img":  # diffusers runs int(steps * strength) steps and fails obscurely on 0
+                strength = call.get("strength", accepted["strength"].default)
+                if int(num_inference_steps * strength) < 1:
+                    raise IPAdapterError(
+                        f"--strength {strength:g} with --steps {num_inference_steps} leaves no denoising step "
+                        f"(it runs int(steps x strength)); raise --steps or --strength"
+                    )
             for i, p in enumerate(prompts):
-                self.set_images(adapter=i, prompt=p)
-            return self.pipe(
-                prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, generator=generator, width=width, height=height,
-                num_images_per_prompt=num_images, output_type=output_type, **pipe_kwargs,
-            ).images
+                self.set_images(adapter=i, prompt=p, size=size)
+            return pipe(**call).images
         finally:
             self.clear()
+            self._follow(self.pipe)
 
+    def _side_inputs(self, size, init_image, strength, mask_image, controlnets, control_images, control_scales):
+        """Check and fit the init image, inpainting mask and control images: (pipeline kwargs, mode)."""
+        call: dict = {}
+        mode = "txt2img"
+        if mask_image is not None and init_image is None:
+            raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
+        if strength is not None:
+            if init_image is None:
+                raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
+            strength = float(strength)
+            if not (0.0 < strength <= 1.0):
+                raise IPAdapterError(f"--strength {strength}: must be in (0, 1] (1 = ignore the init image)")
+            call["strength"] = strength
+        if init_image is not None:
+            mode = "img2img"
+            call["image"] = controls.fit_image(load_image(init_image), size, f"--init-image {_name(init_image)}")
+        if mask_image is not None:
+            mode = "inpaint"
+            mask = load_image(mask_image).convert("L")
+            call["mask_image"] = controls.fit_image(mask, size, f"--inpaint-mask {_name(mask_image)}",
+                                                    Image.Resampling.BILINEAR)
+        nets = list(controlnets or [])
+        images = list(control_images or [])
+        if nets or images:
+            if len(images) != len(nets):
+                raise IPAdapterError(
+                    f"{len(nets)} --controlnet for {len(images)} --control-image: give one control image per ControlNet"
+                )
+            fitted = [controls.fit_image(load_image(im), size, f"--control-image {_name(im)}") for im in images]
+            scales = control_scales if control_scales is not None else 1.0
+            scales = [float(scales)] * len(nets) if isinstance(scales, (int, float)) else [float(s) for s in scales]
+            if len(scales) != len(nets):
+                raise IPAdapterError(
+                    f"{len(scales)} --control-scale for {len(nets)} --controlnet: give one per ControlNet"
+                )
+            if any(not math.isfinite(s) for s in scales):
+                raise IPAdapterError("--control-scale: must be finite numbers")
+            call["image" if mode == "txt2img" else "control_image"] = fitted[0] if len(fitted) == 1 else fitted
+            call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
+        return call, mode
+
+
+def _name(source) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "image"
+
+
+def load_controlnet(source, unet, dtype: torch.dtype | None = None):
+    """A ``ControlNetModel`` from a folder (or as given), on the UNet's device, checked to fit the UNet."""
+    from diffusers import ControlNetModel
+
+    param = next(unet.parameters())
+    if isinstance(source, torch.nn.Module):
+        model, where = source, "controlnet"
+    else:
+        where = f"--controlnet {source}"
+        path = Path(source)
+        if not (path / "config.json").is_file():
+            raise IPAdapterError(f"{where}: not a ControlNet folder (no config.json)")
+        try:
+            model = ControlNetModel.from_pretrained(str(path), **{_dtype_keyword(): dtype or param.dtype})
+        except Exception as e:  # noqa: BLE001 - a broken folder is bad input
+            raise IPAdapterError(f"{where}: cannot load the ControlNet ({' '.join(str(e).split())[:140]})") from None
+    mine, theirs = getattr(model.config, "cross_attention_dim", None), unet.config.cross_attention_dim
+    kind_mine = getattr(model.config, "addition_embed_type", None)
+    if mine != theirs or kind_mine != unet.config.addition_embed_type:
+        raise IPAdapterError(
+            f"{where}: made for a UNet of cross-attention width {mine} ({'SDXL' if kind_mine else 'SD 1.x/2.x'}); "
+            f"this model's is {theirs} ({'SDXL' if unet.config.addition_embed_type else 'SD 1.x/2.x'})"
+        )
+    return model.to(param.device, param.dtype)
 
 def _broadcast_features(neg: Features, like: Features) -> Features:
     def fit(t, ref):
@@ -232,7 +552,8 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
     """Attach adapter file(s) to ``pipe``; the image encoder defaults to the pipeline's or the one beside the file.
 
     ``image_encoder``: an :class:`ImageEncoder`, a folder, or None (then ``pipe.image_encoder`` if the pipeline
-    has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file).
+    has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file), or False
+    for none at all (every prompt then comes as precomputed embeddings).
     """
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
     loaded = [a if isinstance(a, Adapter) else Adapter.from_file(a) for a in items]
@@ -240,10 +561,12 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         adapter.check_unet(pipe.unet, source=str(item) if not isinstance(item, Adapter) else "adapter")
     needs_encoder = any(not a.config.uses_face_id or a.config.uses_patch_features for a in loaded)
     encoder = None
-    if isinstance(image_encoder, ImageEncoder):
+    if image_encoder is False:
+        pass
+    elif isinstance(image_encoder, ImageEncoder):
         encoder = image_encoder
     elif image_encoder is not None:
-        encoder = ImageEncoder.from_pretrained(image_encoder)
+        encoder = ImageEncoder.from_pretrained(image_encoder, fallback=getattr(pipe, "feature_extractor", None))
     elif getattr(pipe, "image_encoder", None) is not None:
         encoder = ImageEncoder(pipe.image_encoder, getattr(pipe, "feature_extractor", None))
     elif needs_encoder:
@@ -252,9 +575,8 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
     if encoder is not None:
         unet_param = next(pipe.unet.parameters())
         encoder.model.to(unet_param.device)
-        for item, adapter in zip(items, loaded):
-            if not adapter.config.uses_face_id:
-                adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
+        for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
+            adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     return IPAdapter(pipe, loaded, encoder)
 
 

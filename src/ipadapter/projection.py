@@ -143,4 +143,6 @@ def build_projection(config: AdapterConfig) -> nn.Module:
     if c.kind == "faceid-plus":
         perceiver = PerceiverStack(c.embed_dim, c.cross_attention_dim, c.cross_attention_dim, c.resampler_depth,
                                    c.resampler_heads, c.resampler_dim_head, c.resampler_ff_mult)
-    return FaceIDProjection(c.id_embed_dim, c.id_hidden_dim, c.cross_attention_dim, c.num_tokens, perceiver)
+    projection = FaceIDProjection(c.id_embed_dim, c.id_hidden_dim, c.cross_attention_dim, c.num_tokens, perceiver)
+    projection.shortcut, projection.s_scale = bool(c.shortcut), float(c.s_scale)
+    return projection

@@ -1,0 +1,364 @@
+"""Per-generation controls over image prompts, as small pure functions (no pipeline in sight).
+
+- combine: several images' encoder features -> what reaches one adapter. ``concat`` keeps every image's tokens
+  side by side (the reference behaviour); ``average`` is the plain mean of the weighted embeddings (ComfyUI's
+  "average"); ``norm-average`` is the weighted mean sum(w_i e_i) / sum(w_i). Averaging happens on the encoder
+  features, before the projection, as ComfyUI does.
+- image weights in ``concat`` mode: the images share one attention, and image i's tokens get log(w_i) added to
+  their attention logits, so a weight of k counts the image exactly as if it were given k times (a weight of 0
+  leaves it out). With region masks each image attends on its own and its weight multiplies its output (what
+  diffusers' per-image scales do).
+- schedules: the fraction of the denoising where an adapter acts (``start``/``end``, like ComfyUI's start_at /
+  end_at, measured on the model's timesteps: progress = 1 - t / num_train_timesteps) and a weight curve across
+  that window.
+- block scales: presets ("style", "composition") and free per-block maps -> {processor index: multiplier}.
+- masks: grayscale region masks (any mode, 0..255 -> 0..1) and the resizing of every side image to the output
+  size, each resize reported as an :class:`IPAdapterNote`.
+- embeddings files: encoder features of prompt images with their negative, written as ``.safetensors``.
+
+Style and composition blocks (InstantStyle). On SDXL the InstantStyle authors found style in
+``up_blocks.0.attentions.1`` and layout in ``down_blocks.2.attentions.1``: the second attention of the first
+up stage and of the last down stage, both at the UNet's coarsest attention resolution (32x32 tokens at 1024 px),
+each ten transformer layers deep. SD 1.x/2.x have attention in down_blocks.0-2 and up_blocks.1-3 (plus the
+middle block); the stages at the same place in the U are ``down_blocks.2`` (the last down stage with attention)
+and ``up_blocks.1`` (the first up stage with attention), 16x16 tokens at 512 px. Their attentions are one
+transformer layer each, so a single one carries about a tenth of what SDXL's does: the SD 1.x presets take the
+whole stage. ``style`` = ``up_blocks.1`` and ``composition`` = ``down_blocks.2``, which is also what the
+InstantStyle authors' own SD 1.5 script uses (its style+layout variant adds the mid block), and ComfyUI's SD 1.5
+"composition" weights the same two attentions (0.25 and 1). The rule is structural, not by name: the first up
+stage and the last down stage that have attentions, whatever the UNet; SDXL-like UNets (no attention in
+down_blocks.0) take their ``.attentions.1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import IPAdapterError
+
+COMBINE_MODES: tuple[str, ...] = ("concat", "average", "norm-average")
+CURVES: tuple[str, ...] = ("constant", "linear", "ease-in", "ease-out")
+PRESETS: tuple[str, ...] = ("style", "composition")
+
+
+class IPAdapterNote(UserWarning):
+    """Something was adjusted for the user (an image resized, ...): the CLI prints it as ``note: ...``."""
+
+
+def note(message: str) -> None:
+    warnings.warn(" ".join(message.split()), IPAdapterNote, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------------- combine
+def check_combine(mode: str, source: str = "--combine") -> str:
+    if mode not in COMBINE_MODES:
+        raise IPAdapterError(f"{source} {mode!r}: unknown mode; use one of {', '.join(COMBINE_MODES)}")
+    return mode
+
+
+def check_weights(weights: Sequence[float] | None, count: int, source: str = "--image-weight") -> list[float] | None:
+    """Per-image weights: None (all 1), or one finite number >= 0 per image, not all zero."""
+    if weights is None or len(weights) == 0:
+        return None
+    weights = [float(w) for w in weights]
+    if len(weights) != count:
+        raise IPAdapterError(f"{len(weights)} {source} value(s) for {count} image(s); give one per image or none")
+    for w in weights:
+        if not math.isfinite(w) or w < 0:
+            raise IPAdapterError(f"{source} {w}: must be a finite number >= 0")
+    if not any(weights):
+        raise IPAdapterError(f"{source}: all weights are 0; give at least one image a weight > 0 (or --scale 0)")
+    return weights
+
+
+def combine(x: torch.Tensor, weights: Sequence[float] | None, mode: str) -> torch.Tensor:
+    """Embeddings of n images ``[n, ...]`` -> ``[1, ...]`` (average modes) or unchanged (``concat``)."""
+    check_combine(mode)
+    if mode == "concat":
+        return x
+    w = torch.ones(x.shape[0]) if weights is None else torch.tensor([float(v) for v in weights])
+    w = w.to(x.device, torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    total = (x.double() * w).sum(0, keepdim=True)
+    # average: the weights scale the embeddings, then a plain mean (ComfyUI); norm-average: a weighted mean
+    out = total / (x.shape[0] if mode == "average" else w.sum())
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class Schedule:
+    """progress in [0, 1] -> weight multiplier: 0 outside [start, end], the curve inside.
+
+    Curves fade the weight across the window, u = (progress - start) / (end - start): ``constant`` 1,
+    ``linear`` 1 - u, ``ease-in`` 1 - u^2 (slow at first, then fast), ``ease-out`` (1 - u)^2 (fast at first).
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+    curve: str = "constant"
+
+    def __call__(self, progress: float) -> float:
+        if progress < self.start or progress > self.end:
+            return 0.0
+        u = (progress - self.start) / (self.end - self.start)
+        if self.curve == "linear":
+            return 1.0 - u
+        if self.curve == "ease-in":
+            return 1.0 - u * u
+        if self.curve == "ease-out":
+            return (1.0 - u) ** 2
+        return 1.0
+
+
+def schedule(start: float = 0.0, end: float = 1.0, curve: str = "constant") -> Schedule | None:
+    """The schedule for a window and curve; None when the adapter acts fully throughout (nothing to do)."""
+    start, end = float(start), float(end)
+    for name, value in (("--start", start), ("--end", end)):
+        if not (0.0 <= value <= 1.0):
+            raise IPAdapterError(f"{name} {value}: must be a fraction of the denoising between 0 and 1")
+    if start >= end:
+        raise IPAdapterError(f"--start {start} must be below --end {end} (the adapter acts between the two)")
+    if curve not in CURVES:
+        raise IPAdapterError(f"--curve {curve!r}: unknown curve; use one of {', '.join(CURVES)}")
+    if start == 0.0 and end == 1.0 and curve == "constant":
+        return None
+    return Schedule(start, end, curve)
+
+
+# -------------------------------------------------------------------------------------------- block scales
+def _cross_layers(layers: Sequence) -> list:
+    return [layer for layer in layers if getattr(layer, "cross_dim", None) is not None]
+
+
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _stages(layers: Sequence, side: str) -> list[int]:
+    return sorted({int(layer.name.split(".")[1]) for layer in layers if layer.name.startswith(side + "_blocks.")})
+
+
+def preset_blocks(layers: Sequence, preset: str) -> list[str]:
+    """Block prefixes of a preset for this UNet (see the module docstring for the choice)."""
+    cross = _cross_layers(layers)
+    names = [layer.name for layer in cross]
+    downs, ups = _stages(cross, "down"), _stages(cross, "up")
+    if preset == "style":
+        if not ups:
+            raise IPAdapterError("--blocks style: this UNet has no up block with attention")
+        stage = f"up_blocks.{ups[0]}"
+    elif preset == "composition":
+        if not downs:
+            raise IPAdapterError("--blocks composition: this UNet has no down block with attention")
+        stage = f"down_blocks.{downs[-1]}"
+    else:
+        raise IPAdapterError(f"--blocks {preset!r}: unknown preset; use one of {', '.join(PRESETS)}")
+    sdxl_like = bool(downs) and downs[0] != 0  # SDXL: no attention in down_blocks.0, deep transformer stacks
+    second = f"{stage}.attentions.1"
+    if sdxl_like and any(_matches(n, second) for n in names):
+        return [second]
+    return [stage]
+
+
+def _from_diffusers(spec: Mapping) -> dict[str, float]:
+    """diffusers' nested form {"down": {"block_2": [0.0, 1.0]}, "up": ..., "mid": s} -> flat prefixes."""
+    flat: dict[str, float] = {}
+    for side in ("down", "up"):
+        value = spec.get(side)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            flat[f"{side}_blocks"] = float(value)
+            continue
+        for block, scales in value.items():
+            if not str(block).startswith("block_"):
+                raise IPAdapterError(f"block scales: {side}.{block}: expected block_<i> keys, as diffusers")
+            stage = f"{side}_blocks.{str(block)[len('block_'):]}"
+            if isinstance(scales, (list, tuple)):
+                for j, s in enumerate(scales):
+                    flat[f"{stage}.attentions.{j}"] = float(s)
+            else:
+                flat[stage] = float(scales)
+    if spec.get("mid") is not None:
+        mid = spec["mid"]
+        flat["mid_block"] = float(mid[0] if isinstance(mid, (list, tuple)) else mid)
+    return flat
+
+
+def parse_blocks(text: str) -> dict[str, float]:
+    """``"style"``, ``"style=1,composition=0.5"``, ``"up_blocks.0.attentions.1=1,*=0.2"`` -> {name: scale}."""
+    out: dict[str, float] = {}
+    for entry in str(text).split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        name, _, value = entry.partition("=")
+        name = name.strip()
+        try:
+            scale = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise IPAdapterError(f"--blocks {entry!r}: {value.strip()!r} is not a number (NAME=SCALE)") from None
+        if not math.isfinite(scale):
+            raise IPAdapterError(f"--blocks {entry!r}: the scale must be finite")
+        out[name] = scale
+    if not out:
+        raise IPAdapterError("--blocks: empty; give a preset (style, composition) or BLOCK=SCALE entries")
+    return out
+
+
+def block_scales(layers: Sequence, spec: str | Mapping | None) -> dict[int, float]:
+    """Per-layer multipliers {processor index: scale} for every cross-attention layer of a UNet.
+
+    ``layers``: :func:`ipadapter.adapter.unet_layers` of the UNet. ``spec``: a string for :func:`parse_blocks`,
+    a flat {block prefix or preset: scale} map, or diffusers' nested dict. Each layer takes the scale of the
+    most specific entry naming it (a preset counts as the blocks it stands for; ``*`` is the least specific);
+    layers no entry names get 0, as in diffusers and InstantStyle, where naming blocks means "only these".
+    """
+    cross = _cross_layers(layers)
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        flat = parse_blocks(spec)
+    elif isinstance(spec, Mapping) and set(spec) <= {"down", "up", "mid"}:
+        flat = _from_diffusers(spec)
+    elif isinstance(spec, Mapping):
+        flat = {str(k): float(v) for k, v in spec.items()}
+    else:
+        raise IPAdapterError(f"block scales: expected a string or a dict, got {type(spec).__name__}")
+    entries: list[tuple[str, float]] = []  # (prefix, scale); later ones win at equal specificity
+    for name, scale in flat.items():
+        alias = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}.get(name, name)
+        if alias in PRESETS:
+            entries += [(prefix, scale) for prefix in preset_blocks(cross, alias)]
+        elif alias == "*":
+            entries.append(("*", scale))
+        elif any(_matches(layer.name, alias) for layer in cross):
+            entries.append((alias, scale))
+        else:
+            known = sorted({".".join(layer.name.split(".")[:4]) if not layer.name.startswith("mid") else
+                            "mid_block" for layer in cross})
+            raise IPAdapterError(
+                f"--blocks {name!r}: no cross-attention layer of this UNet is in that block; use a preset "
+                f"({', '.join(PRESETS)}) or one of: {', '.join(known)}"
+            )
+    scales: dict[int, float] = {}
+    for layer in cross:
+        best, depth = 0.0, -2
+        for prefix, scale in entries:
+            d = -1 if prefix == "*" else (prefix.count(".") + 1 if _matches(layer.name, prefix) else -2)
+            if d > -2 and d >= depth:
+                best, depth = scale, d
+        scales[layer.index] = best
+    return scales
+
+
+# ------------------------------------------------------------------------------------------------- images
+def fit_image(image: Image.Image, size: tuple[int, int], what: str, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """``image`` at ``size`` (width, height); a resize is reported as a note naming ``what``."""
+    if image.size != tuple(size):
+        note(f"{what}: {image.width}x{image.height} resized to {size[0]}x{size[1]} (the output size)")
+        image = image.resize(tuple(size), resample)
+    return image
+
+
+def load_mask(source, size: tuple[int, int] | None = None, what: str = "mask") -> torch.Tensor:
+    """A grayscale mask [H, W] in [0, 1] from a file, a PIL image or a tensor; resized (with a note) to ``size``."""
+    from .encoders import load_image
+
+    if torch.is_tensor(source):
+        t = source.detach().float()
+        if t.ndim == 3:
+            t = t[0] if t.shape[0] == 1 else t.mean(0)
+        if t.ndim != 2:
+            raise IPAdapterError(f"{what}: a mask tensor must be [H, W], got shape {list(source.shape)}")
+        if t.min() < 0 or t.max() > 1:
+            raise IPAdapterError(f"{what}: mask values must lie in [0, 1]")
+        if size is not None and (t.shape[1], t.shape[0]) != tuple(size):
+            note(f"{what}: {t.shape[1]}x{t.shape[0]} resized to {size[0]}x{size[1]} (the output size)")
+            t = torch.nn.functional.interpolate(t[None, None], size=(size[1], size[0]), mode="bilinear",
+                                                align_corners=False)[0, 0]
+        return t.clamp(0, 1)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else what
+    img = load_image(source).convert("L")
+    if size is not None:
+        img = fit_image(img, size, f"{what} {name}" if name != what else what, Image.Resampling.BILINEAR)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width).float() / 255.0
+
+
+# --------------------------------------------------------------------------------------- embeddings files
+EMBEDS_FORMAT = "ipadapter.embeds"
+FEATURE_FIELDS: tuple[str, ...] = ("image_embeds", "penultimate", "face_id")
+
+
+def save_embeds(path: str | os.PathLike, cond, uncond, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write encoder features (:class:`~ipadapter.encoders.Features`) and their negative, atomically.
+
+    Keys: "<field>" and "negative.<field>" for each feature present ([n_images, ...]).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise IPAdapterError(f"{path}: embeddings are written as .safetensors; give a name ending in .safetensors")
+    tensors = {}
+    for field in FEATURE_FIELDS:
+        c, u = getattr(cond, field), getattr(uncond, field)
+        if c is not None:
+            tensors[field] = c.detach().float().cpu().contiguous()
+            tensors[f"negative.{field}"] = u.detach().float().cpu().contiguous()
+    if not tensors:
+        raise IPAdapterError("no image features to write")
+    meta = {"format": EMBEDS_FORMAT, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_embeds(path: str | os.PathLike):
+    """(cond, uncond, metadata) from a file written by :func:`save_embeds` (``ipadapter embed``)."""
+    from safetensors import safe_open
+
+    from .encoders import Features
+
+    path = Path(path)
+    if not path.is_file():
+        raise IPAdapterError(f"{path}: no such embeddings file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any decoding failure is bad input
+        raise IPAdapterError(f"{path}: not a readable embeddings file ({' '.join(str(e).split())[:100]})") from None
+    if meta.get("format") != EMBEDS_FORMAT or not any(f in tensors for f in FEATURE_FIELDS):
+        raise IPAdapterError(f"{path}: not an embeddings file written by `ipadapter embed`")
+    cond = Features(**{f: tensors.get(f) for f in FEATURE_FIELDS})
+    uncond = Features(**{f: tensors.get(f"negative.{f}") for f in FEATURE_FIELDS})
+    return cond, uncond, meta
+
+
+# ----------------------------------------------------------------------------------------------- seeds
+def seeds_for(seed: int | Sequence[int] | None, count: int) -> list[int] | None:
+    """One seed per image: S gives S, S+1, ... (image k alone is ``seed=S+k``); a list must hold ``count``."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return [seed + k for k in range(count)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != count:
+        raise IPAdapterError(f"{len(seeds)} seed(s) for {count} image(s); give one seed, or one per image")
+    return seeds
+

@@ -1,0 +1,610 @@
+"""The paper's metrics for any model and adapter, and the ``ipadapter eval`` command.
+
+    pairs = read_pairs("coco/data.json")                   # (image, caption) pairs
+    clip = ClipScorer.from_pretrained("openai/clip-vit-large-patch14")  # the judge (the paper's ViT-L/14)
+    result = evaluate(ipadapter.load(pipe, "ip.safetensors"), pairs, clip, EvalSettings(samples=4))
+    print(format_table(result.metrics))
+
+- CLIP-I: cosine similarity of the judge's image embeddings, generated image vs prompt image.
+- CLIP-T: cosine similarity of the generated image's embedding and the pair's caption's embedding (the
+  paper's CLIPScore without its 2.5 weight; pairs with an empty caption are left out).
+- On the shapes world, attribute accuracy: background colour, shape colour and shape read back from the pixels
+  by :mod:`ipadapter.world_parse`, compared with the prompt image's true attributes, except those the text
+  prompt names, which the image is expected to follow instead ("on a black background" + an image of a
+  magenta triangle on yellow expects a magenta triangle on black).
+
+Each (prompt, sample) has its own seed, ``seed + index * samples + sample``, and its own generator, so the
+images do not depend on the batch size or on how many processes share the work: under ``accelerate launch``
+(GPUs) or ``torchrun`` (CPU processes) each process takes every n-th prompt and the records are gathered at the
+end, so the results equal a single process's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .encoders import load_image
+from .errors import IPAdapterError
+
+ATTRIBUTES = ("background", "colour", "shape")
+
+
+# ---------------------------------------------------------------------------------------------------- data
+@dataclass
+class Pair:
+    """One evaluation prompt: an image, its caption and, on the shapes world, its true attributes."""
+
+    image: Image.Image
+    caption: str = ""
+    name: str = ""
+    truth: dict[str, str] | None = None  # {"background", "colour", "shape"} when known
+
+
+def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = None,
+               limit: int | None = None) -> list[Pair]:
+    """(image, caption) pairs from anything the trainer reads (:func:`ipadapter.data.read_records`).
+
+    The official JSON list (``[{"image_file": "a.png", "text": "..."}]``, paths relative to ``data_root``,
+    default the JSON's folder), JSONL, a folder of images with same-name ``.txt`` captions, or ``.tar`` shards.
+    Unlike training, evaluation skips nothing: a missing or unreadable image, or an empty caption, is an error
+    (a benchmark that silently drops prompts is not comparable). Only the first ``limit`` pairs are read.
+
+    A ``samples.json`` beside the data (written by :func:`ipadapter.world.write_dataset`) gives the true
+    attributes of world images; without it, prompt images that are clean world images are read by the parser.
+    """
+    from .data import BadItem, BadItems, decode_image, read_records
+
+    bad = BadItems()
+    records = read_records(data, data_root, bad)
+    total = len(records) + bad.count
+    if bad.count:
+        raise IPAdapterError(f"--data {data}: {_bad_line(bad, total)}; evaluation uses every pair, so fix the data "
+                             "or the paths (--data-root)")
+    records = records[:limit] if limit is not None else records
+    truth = _world_truth(data)
+    pairs = []
+    for index, record in enumerate(records):
+        try:
+            image, _ = decode_image(record.image)
+        except BadItem as e:
+            bad.add(e.reason, record.name, index, e.detail)
+            continue
+        name = os.path.basename(record.image.path) if record.image.offset < 0 else record.name
+        known = truth.get(os.path.abspath(record.image.path)) if record.image.offset < 0 else None
+        if known is None and is_world_image(image):
+            from .world_parse import parse
+
+            known = parse(image)  # exact on clean world images
+        pairs.append(Pair(image, record.text, name, known))
+    if bad.count:
+        raise IPAdapterError(f"--data {data}: {_bad_line(bad, len(records))}; evaluation uses every pair")
+    return pairs
+
+
+def _bad_line(bad, total: int) -> str:
+    reason, shown = next(iter(bad.examples.items()))
+    return f"{bad.summary(total).splitlines()[0]}, e.g. {reason}: {shown[0]}"
+
+
+def _world_truth(data: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """{absolute image path: true attributes} from the world's samples.json beside the data, if any."""
+    folder = Path(data) if Path(data).is_dir() else Path(data).parent
+    path = folder / "samples.json"
+    if not path.is_file():
+        return {}
+    try:
+        rows = json.loads(path.read_text())
+        return {os.path.abspath(folder / r["image_file"]): {k: r[k] for k in ATTRIBUTES} for r in rows}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise IPAdapterError(f"{path}: not a world samples.json (image_file, background, colour, shape)") from None
+
+
+def is_world_image(image: Image.Image) -> bool:
+    """A clean shapes-world image: 64x64 and every pixel exactly one of the world's palette colours."""
+    from . import world
+
+    if image.size != (world.IMAGE_SIZE, world.IMAGE_SIZE):
+        return False
+    colours = np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)
+    palette = {tuple(c) for c in world.PALETTE.values()}
+    return len(colours) == 2 and all(tuple(int(v) for v in c) in palette for c in colours)
+
+
+def world_pairs(n: int, seed: int | None = None) -> list[Pair]:
+    """n held-out shapes-world prompts (drawn from ``world.EVAL_SEED``, never the training stream)."""
+    from . import world
+
+    samples = world.samples(n, world.EVAL_SEED if seed is None else seed)
+    return [Pair(world.draw(s), world.caption(s), f"eval-{i:05d}", {k: getattr(s, k) for k in ATTRIBUTES})
+            for i, s in enumerate(samples)]
+
+
+# ---------------------------------------------------------------------------------------------- the judge
+class ClipScorer:
+    """A contrastive CLIP model (image and text towers with projections) used to score generations."""
+
+    def __init__(self, model, tokenizer, processor, name: str = "clip"):
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ClipScorer:
+        """A transformers ``CLIPModel`` folder (or hub id), or a shapes-world model folder (assembled from its
+        ``text_encoder``, ``image_encoder`` and ``text_projection.safetensors``)."""
+        path = Path(path)
+        if (path / "text_projection.safetensors").is_file() and (path / "image_encoder").is_dir():
+            return _from_world_folder(path).to(device)
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        if path.exists() and not (path / "config.json").is_file():
+            raise IPAdapterError(f"--clip {path}: not a CLIPModel folder (no config.json)")
+        try:
+            model = CLIPModel.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
+        except Exception as e:  # noqa: BLE001 - any load failure is bad input
+            raise IPAdapterError(f"--clip {path}: cannot load a CLIP model and its tokenizer "
+                                 f"({' '.join(str(e).split())[:140]})") from None
+        try:
+            processor = CLIPImageProcessor.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
+        except Exception:  # noqa: BLE001 - no preprocessor_config.json: CLIP's defaults at the model's size
+            size = int(model.config.vision_config.image_size)
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(model, tokenizer, processor, str(path)).to(device)
+
+    def to(self, device: str | torch.device) -> ClipScorer:
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_embeds(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Unit-length image embeddings [n, D]."""
+        pixels = self.processor(images=[load_image(im) for im in images], return_tensors="pt").pixel_values
+        emb = self.model.get_image_features(pixel_values=pixels.to(self.device, self.model.dtype))
+        return torch.nn.functional.normalize(_tensor(emb).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length text embeddings [n, D] (texts longer than the tokenizer's limit are truncated)."""
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        emb = self.model.get_text_features(input_ids=tok.input_ids.to(self.device),
+                                           attention_mask=tok.attention_mask.to(self.device))
+        return torch.nn.functional.normalize(_tensor(emb).float(), dim=-1)
+
+
+def _tensor(output) -> torch.Tensor:
+    # get_*_features returns a tensor in transformers 4 and an output object (pooler_output) in 5
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+def _looks_like_hub_id(path: Path) -> bool:
+    return not path.exists() and str(path).count("/") == 1 and not str(path).startswith((".", "/"))
+
+
+def _from_world_folder(folder: Path) -> ClipScorer:
+    """The world builder's CLIP towers, saved as parts of its pipeline folder, put back together."""
+    from safetensors.torch import load_file
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+
+    try:
+        text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+        vision = CLIPVisionModelWithProjection.from_pretrained(str(folder / "image_encoder"))
+        extra = load_file(str(folder / "text_projection.safetensors"))
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+        processor = CLIPImageProcessor.from_pretrained(str(folder / "feature_extractor"))
+    except Exception as e:  # noqa: BLE001
+        raise IPAdapterError(f"--clip {folder}: cannot assemble the world's CLIP model "
+                             f"({' '.join(str(e).split())[:140]})") from None
+    config = CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+                        projection_dim=vision.config.projection_dim)
+    model = CLIPModel(config)
+    # CLIPTextModel is the text transformer itself in transformers 5, a wrapper around .text_model in 4
+    model.text_model.load_state_dict(getattr(text, "text_model", text).state_dict())
+    model.vision_model.load_state_dict(vision.vision_model.state_dict())
+    model.visual_projection.load_state_dict(vision.visual_projection.state_dict())
+    with torch.no_grad():
+        model.text_projection.weight.copy_(extra["text_projection.weight"])
+        if "logit_scale" in extra:
+            model.logit_scale.copy_(extra["logit_scale"].reshape(()))
+    return ClipScorer(model, tokenizer, processor, str(folder))
+
+
+def find_clip(explicit: str | os.PathLike | None, model_dir: str | os.PathLike | None) -> str | Path:
+    """--clip, else ``<model>/clip`` (a CLIPModel folder), else the world model's own CLIP towers."""
+    if explicit is not None:
+        return explicit
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        if (model_dir / "clip" / "config.json").is_file():
+            return model_dir / "clip"
+        if (model_dir / "text_projection.safetensors").is_file():
+            return model_dir
+    raise IPAdapterError("no CLIP model to score with: pass --clip DIR (a transformers CLIPModel folder, "
+                         "e.g. openai/clip-vit-large-patch14 as in the paper)")
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def clip_i(generated: Sequence[Image.Image], prompt_images: Sequence[Image.Image], clip: ClipScorer) -> torch.Tensor:
+    """CLIP-I of each (generated, prompt image) pair: cosine similarity of their CLIP image embeddings [n]."""
+    if len(generated) != len(prompt_images):
+        raise ValueError(f"{len(generated)} generated images for {len(prompt_images)} prompt images")
+    return (clip.image_embeds(generated) * clip.image_embeds(prompt_images)).sum(-1)
+
+
+def clip_t(generated: Sequence[Image.Image], captions: Sequence[str], clip: ClipScorer) -> torch.Tensor:
+    """CLIP-T of each (generated, caption) pair: cosine similarity of image and text embeddings [n]."""
+    if len(generated) != len(captions):
+        raise ValueError(f"{len(generated)} generated images for {len(captions)} captions")
+    return (clip.image_embeds(generated) * clip.text_embeds(captions)).sum(-1)
+
+
+def expected_attributes(truth: dict[str, str] | None, text_prompt: str = "") -> dict[str, str] | None:
+    """What a world generation should show: the prompt image's attributes, except those the text names."""
+    if truth is None:
+        return None
+    from .world import caption_attributes
+
+    named = caption_attributes(text_prompt) if text_prompt else {}
+    return {k: named.get(k) or truth[k] for k in ATTRIBUTES}
+
+
+def attribute_hits(parsed: dict, expected: dict) -> dict[str, bool]:
+    """Per attribute: does the parsed image show what was expected (attributes expected as None are left out)."""
+    return {k: parsed.get(k) == expected[k] for k in ATTRIBUTES if expected.get(k) is not None}
+
+
+def attribute_accuracy(generated: Sequence, expected: Sequence[dict]) -> dict[str, float]:
+    """Fraction of world images (PIL images or already-parsed dicts) showing each expected attribute.
+
+    Returns {"background", "colour", "shape", "all", "n"}; "all" counts images right on every expected one.
+    """
+    from .world_parse import parse
+
+    if len(generated) != len(expected):
+        raise ValueError(f"{len(generated)} generated images for {len(expected)} expectations")
+    parsed = [g if isinstance(g, dict) else parse(g) for g in generated]
+    return summarize_hits([attribute_hits(p, e) for p, e in zip(parsed, expected)])
+
+
+def summarize_hits(hits: Sequence[dict[str, bool]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in ATTRIBUTES:
+        values = [h[k] for h in hits if k in h]
+        out[k] = float(np.mean(values)) if values else float("nan")
+    out["all"] = float(np.mean([all(h.values()) for h in hits])) if hits else float("nan")
+    out["n"] = len(hits)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ runner
+@dataclass
+class EvalSettings:
+    samples: int = 4  # images per prompt (the paper: 4)
+    scale: float | None = None  # None: 1.0 for image-only prompts, 0.5 with a text prompt
+    prompt: str = ""  # text prompt for every pair ("" = image-only, as the paper's Table 1)
+    prompt_from_caption: bool = False  # use each pair's caption as its text prompt instead
+    negative_prompt: str | None = None
+    steps: int = 30
+    guidance: float = 7.5
+    seed: int = 0
+    batch_size: int = 8  # prompts per pipeline call (each with ``samples`` images)
+    text_only: bool = False  # baseline: the base model alone, no image prompt
+    width: int | None = None
+    height: int | None = None
+
+    def text_for(self, pair: Pair) -> str:
+        return pair.caption if self.prompt_from_caption else self.prompt
+
+    def scale_for(self, text: str) -> float:
+        return self.scale if self.scale is not None else (0.5 if text else 1.0)
+
+
+def sample_seed(seed: int, index: int, sample: int, samples: int) -> int:
+    """The seed of one (prompt, sample): distinct for every image, whatever the batching."""
+    return seed + index * samples + sample
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    records: list[dict]
+    settings: dict
+    images: list[list[Image.Image]] | None = None  # [prompt][sample] when asked to keep them
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "metrics": self.metrics, "per_sample": self.records}
+
+
+def evaluate(target, pairs: Sequence[Pair], clip: ClipScorer | None, settings: EvalSettings | None = None,
+             keep_images: bool = False, progress: bool = False, info: dict | None = None) -> EvalResult:
+    """Generate ``settings.samples`` images per pair and score them (CLIP-I, CLIP-T, world attributes).
+
+    ``target``: an :class:`~ipadapter.pipeline.IPAdapter` with one adapter, or a plain diffusers pipeline for
+    ``text_only``. Under ``accelerate launch`` each process takes every n-th pair; every process returns the
+    gathered result. ``info`` is copied into the result's settings (model and file names, ...).
+    """
+    from accelerate import PartialState
+
+    settings = settings or EvalSettings()
+    if not pairs:
+        raise IPAdapterError("nothing to evaluate: no (image, caption) pairs")
+    state = PartialState()
+    mine = list(range(len(pairs)))[state.process_index::state.num_processes]
+    records, images = [], {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(mine), desc="eval", disable=not progress or not state.is_main_process)
+    for start in range(0, len(mine), settings.batch_size):
+        chunk = mine[start : start + settings.batch_size]
+        generated = generate_batch(target, [pairs[i] for i in chunk], chunk, settings)
+        for j, i in enumerate(chunk):
+            records += score_prompt(pairs[i], i, generated[j], clip, settings)
+            if keep_images:
+                images[i] = generated[j]
+        bar.update(len(chunk))
+    bar.close()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+        if keep_images:
+            images = {k: v for part in gather_object([images]) for k, v in part.items()}
+    records.sort(key=lambda r: (r["index"], r["sample"]))
+    meta = {**asdict(settings), **(info or {}), "num_prompts": len(pairs), "processes": state.num_processes}
+    if settings.text_only:
+        meta["scale"] = None
+    return EvalResult(summarize(records), records, meta,
+                      [images[i] for i in range(len(pairs))] if keep_images else None)
+
+
+@torch.no_grad()
+def generate_batch(target, pairs: Sequence[Pair], indices: Sequence[int],
+                   settings: EvalSettings) -> list[list[Image.Image]]:
+    """``settings.samples`` images for each pair, in one pipeline call: [pair][sample]."""
+    from .pipeline import IPAdapter, check_scale
+
+    ip = target if isinstance(target, IPAdapter) else None
+    pipe = ip.pipe if ip is not None else target
+    texts = [settings.text_for(p) for p in pairs]
+    generators = [torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i, k, settings.samples))
+                  for i in indices for k in range(settings.samples)]
+    if not settings.text_only:
+        if ip is None:
+            raise IPAdapterError("an image-prompt evaluation needs a pipeline with an adapter (or text_only=True)")
+        if len(ip.adapters) != 1:
+            raise IPAdapterError(f"{len(ip.adapters)} adapters attached; evaluation scores one at a time")
+        scales = {settings.scale_for(t) for t in texts}
+        if len(scales) > 1:  # per-pair text decides the default scale: one call per scale
+            return _split_by_scale(target, pairs, indices, settings, texts)
+        adapter = ip.adapters[0]
+        adapter.state.scale = check_scale(scales.pop())
+        cond, uncond = ip.features(adapter, _prompt([p.image for p in pairs]))
+        # [n, T, C]: n prompts of one image each, rows laid out as the pipeline's num_images_per_prompt
+        adapter.state.set_tokens(adapter.project(cond), adapter.project(uncond))
+    try:
+        negative = [settings.negative_prompt] * len(texts) if settings.negative_prompt is not None else None
+        out = pipe(prompt=texts, negative_prompt=negative,
+                   num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generators,
+                   num_images_per_prompt=settings.samples, width=settings.width, height=settings.height).images
+    finally:
+        if ip is not None:
+            ip.clear()
+    s = settings.samples
+    return [out[j * s : (j + 1) * s] for j in range(len(pairs))]
+
+
+def _prompt(images):
+    from .pipeline import ImagePrompt
+
+    return ImagePrompt(images=images)
+
+
+def _split_by_scale(target, pairs, indices, settings, texts):
+    from dataclasses import replace
+
+    out: dict[int, list] = {}
+    for scale in sorted({settings.scale_for(t) for t in texts}):
+        pick = [j for j, t in enumerate(texts) if settings.scale_for(t) == scale]
+        got = generate_batch(target, [pairs[j] for j in pick], [indices[j] for j in pick],
+                             replace(settings, scale=scale))
+        out.update(zip(pick, got))
+    return [out[j] for j in range(len(pairs))]
+
+
+def score_prompt(pair: Pair, index: int, generated: Sequence[Image.Image], clip: ClipScorer | None,
+                 settings: EvalSettings) -> list[dict]:
+    """One record per generated image of a pair: seed, CLIP-I, CLIP-T, parsed and expected attributes."""
+    text = settings.text_for(pair)
+    n = len(generated)
+    ci = clip_i(generated, [pair.image] * n, clip).tolist() if clip is not None else [None] * n
+    ct = clip_t(generated, [pair.caption] * n, clip).tolist() if clip is not None and pair.caption else [None] * n
+    expected = expected_attributes(pair.truth, text)
+    records = []
+    for k, image in enumerate(generated):
+        record = {"index": index, "name": pair.name, "sample": k,
+                  "seed": sample_seed(settings.seed, index, k, settings.samples), "caption": pair.caption,
+                  "prompt": text, "clip_i": ci[k], "clip_t": ct[k]}
+        if expected is not None:
+            from .world_parse import parse
+
+            parsed = parse(image)
+            record.update(expected=expected, parsed=parsed, hits=attribute_hits(parsed, expected))
+        records.append(record)
+    return records
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Means over all generated images (CLIP-T over those with a caption) and attribute accuracies."""
+
+    def mean(key):
+        values = [r[key] for r in records if r.get(key) is not None]
+        return (float(np.mean(values)) if values else None), len(values)
+
+    metrics: dict = {"n_prompts": len({r["index"] for r in records}), "n_images": len(records)}
+    metrics["clip_i"], _ = mean("clip_i")
+    metrics["clip_t"], metrics["clip_t_n"] = mean("clip_t")
+    hits = [r["hits"] for r in records if "hits" in r]
+    if hits:
+        acc = summarize_hits(hits)
+        metrics.update({k: acc[k] for k in (*ATTRIBUTES, "all")}, attributes_n=acc["n"])
+    return metrics
+
+
+def format_table(metrics: dict, title: str | None = None) -> str:
+    rows = [("CLIP-I", metrics.get("clip_i")), ("CLIP-T", metrics.get("clip_t"))]
+    names = {"background": "background colour", "colour": "shape colour", "shape": "shape", "all": "all three"}
+    rows += [(names[k], metrics[k]) for k in names if k in metrics]
+    width = max(len(r[0]) for r in rows)
+    lines = [title] if title else []
+    lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
+    lines.append(f"{'images':<{width}}  {metrics['n_images']} ({metrics['n_prompts']} prompts)")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_eval_parser(sub) -> None:
+    """The ``eval`` subcommand's flags (``sub``: the CLI's subparsers)."""
+    from .cli import _positive_int, _scale
+
+    e = sub.add_parser("eval", help="CLIP-I / CLIP-T (and world attribute accuracy) over (image, caption) pairs")
+    e.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
+    e.add_argument("--adapter", help="adapter file (default: the world model's global adapter)")
+    e.add_argument("--image-encoder", help="CLIP vision folder for the adapter (default: the model's)")
+    e.add_argument("--data", help="pairs: official JSON, JSONL, a folder of images + .txt captions, or .tar "
+                                  "shards (default: held-out shapes-world images)")
+    e.add_argument("--data-root", help="folder the JSON's image paths are relative to (default: the JSON's)")
+    e.add_argument("--clip", help="CLIPModel folder or hub id that scores (default: <model>/clip, or the world "
+                                  "model's own CLIP)")
+    e.add_argument("--samples", type=_positive_int, default=4, help="images per prompt (default 4, as the paper)")
+    e.add_argument("--scale", type=_scale, default=None,
+                   help="adapter weight (default 1.0 for image-only prompts, 0.5 with a text prompt)")
+    e.add_argument("--prompt", default="", help="text prompt for every pair (default: none, image-only)")
+    e.add_argument("--prompt-from-caption", action="store_true", help="use each pair's caption as its text prompt")
+    e.add_argument("--negative-prompt", default=None)
+    e.add_argument("--steps", type=_positive_int, default=30)
+    e.add_argument("--guidance", type=float, default=7.5)
+    e.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i * samples + k")
+    e.add_argument("--num-prompts", type=_positive_int, default=None,
+                   help="first N pairs only (default: all; 64 for the default world data)")
+    e.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per pipeline call")
+    e.add_argument("--out", help="results JSON (settings, metrics, one record per image)")
+    e.add_argument("--save-images", help="folder for the generated images (<index>-<name>-<sample>.png)")
+    e.add_argument("--text-only", action="store_true",
+                   help="baseline: the base model alone with --prompt (default empty), no image prompt")
+    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; "
+                                                  "accelerate's under accelerate launch)")
+
+
+def cmd_eval(args) -> int:
+    from accelerate import PartialState
+
+    from .pipeline import load, load_pipeline
+
+    if not math.isfinite(args.guidance):
+        raise IPAdapterError(f"--guidance {args.guidance}: must be a finite number")
+    if args.prompt and args.prompt_from_caption:
+        raise IPAdapterError("--prompt and --prompt-from-caption exclude each other; give one")
+    if args.out is not None and Path(args.out).is_dir():
+        raise IPAdapterError(f"--out {args.out}: is a folder; give a .json file name")
+    model, adapter = args.model, args.adapter
+    if model is None:
+        from .pipeline import embedded_model
+
+        model, default_adapter = embedded_model()
+        adapter = adapter or default_adapter
+    if adapter is None and not args.text_only:
+        raise IPAdapterError("--adapter FILE is required with --model (or --text-only for the baseline)")
+    if adapter is not None and not args.text_only and not Path(adapter).is_file():
+        raise IPAdapterError(f"--adapter {adapter}: no such file")
+    model_dir = model if Path(str(model)).is_dir() else None
+    if args.data is not None:
+        pairs = read_pairs(args.data, args.data_root, args.num_prompts)
+    else:
+        pairs = world_pairs(args.num_prompts or 64)
+    clip_source = find_clip(args.clip, model_dir)
+
+    # CPU-only runs join a torchrun/MPI group only when told so (accelerate's rule); GPUs are found alone
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if state.num_processes > 1:
+        device = state.device
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip = ClipScorer.from_pretrained(clip_source, device=device)
+    pipe = load_pipeline(model, device=device)
+    target = pipe if args.text_only else load(pipe, adapter, image_encoder=args.image_encoder, model_dir=model_dir)
+    settings = EvalSettings(samples=args.samples, scale=args.scale, prompt=args.prompt,
+                            prompt_from_caption=args.prompt_from_caption, negative_prompt=args.negative_prompt,
+                            steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                            text_only=args.text_only)
+    info = {"model": str(model), "adapter": None if args.text_only else str(adapter), "clip": str(clip_source),
+            "data": args.data or f"world held-out (EVAL_SEED, {len(pairs)})"}
+    result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
+                      progress=sys.stderr.isatty(), info=info)
+    if not state.is_main_process:
+        return 0
+    mode = "text-only baseline" if args.text_only else f"adapter {Path(str(adapter)).name}"
+    print(format_table(result.metrics, title=f"{mode} on {info['data']}, {args.samples} samples per prompt"))
+    if args.save_images:
+        folder = Path(args.save_images)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (pair, images) in enumerate(zip(pairs, result.images)):
+            for k, image in enumerate(images):
+                image.save(folder / f"{i:05d}-{Path(pair.name).stem}-{k}.png")
+    if args.out:
+        print(f"wrote {write_json(args.out, result.to_json())}")
+    return 0
+
+
+__all__ = [
+    "ClipScorer", "EvalResult", "EvalSettings", "Pair", "attribute_accuracy", "clip_i", "clip_t", "evaluate",
+    "expected_attributes", "read_pairs", "world_pairs",
+]

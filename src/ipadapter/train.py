@@ -1,0 +1,1103 @@
+"""``ipadapter train``: one trainer for every adapter kind (global, plus, full, faceid) and base (SD 1.x, SDXL).
+
+A batch from disk to loss, in reading order:
+
+1. :class:`TrainConfig` - every knob, a plain value; a JSON file and CLI flags fill it.
+2. :func:`load_models` - the frozen UNet and noise schedule (and VAE, text and image encoders when features must
+   be computed); :meth:`Adapter.for_unet` builds the adapter with its image K/V copied from the text K/V.
+3. ``data.BatchOrder`` - which items form global batch ``k`` (a pure function of seed and ``k``); each rank
+   takes its rows.
+4. Features of those items: gathered from the cache (``cache.py``; built once by :func:`encode`) or computed now
+   by :func:`encode` from ``data.ImageTextDataset``'s decoded pixels and tokens.
+5. :func:`loss_for` - noise, timestep and condition dropout from :func:`step_draws` (seeded by ``k``, so a resumed
+   or differently-sharded run draws the same), then MSE on the scheduler's prediction type.
+6. :func:`train` - the loop: accumulate, clip, step, EMA; log, validate, checkpoint atomically; resume.
+
+The same code runs on a laptop CPU, one GPU or many (``accelerate launch``; DDP, DeepSpeed ZeRO-2, FSDP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+from .adapter import Adapter, attach, runtime_of
+from .encoders import Features, ImageEncoder
+from .errors import IPAdapterError
+
+KINDS = ("global", "plus", "full", "faceid")
+#: which ``Features`` field each kind's projection reads
+FEATURE = {"global": "image_embeds", "plus": "penultimate", "full": "penultimate", "faceid": "face_id"}
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults are the paper's recipe (AdamW 1e-4, wd 0.01, 5/5/5% dropout)."""
+
+    # what to train
+    model: str = ""  # diffusers model folder (SD 1.x or SDXL), with image_encoder/ or give image_encoder
+    data: str = ""  # .json / .jsonl list, folder of images + .txt, .tar shards (folder, file or glob)
+    output: str = ""
+    data_root: str | None = None  # folder the JSON paths are relative to (default: the JSON file's folder)
+    kind: str = "global"
+    image_encoder: str | None = None  # default MODEL/image_encoder
+    num_tokens: int | None = None  # default 4 (global, faceid), 16 (plus), all patches (full)
+    adapter: dict = field(default_factory=dict)  # other AdapterConfig fields, e.g. {"resampler_depth": 2}
+    # data
+    resolution: int | None = None  # default: the UNet's native size
+    buckets: bool | None = None  # multi-aspect buckets (default: on for SDXL)
+    random_crop: bool = False
+    random_flip: bool = False
+    num_workers: int | None = None  # loader processes (default 0 on CPU, up to 8 with a GPU)
+    max_bad_fraction: float = 0.10
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"  # or "cosine" (decays to 0 at max_steps)
+    warmup_steps: int = 0
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    ema_decay: float = 0.0  # 0 = no EMA; with EMA the written adapter holds the EMA weights
+    drop_image: float = 0.05  # one draw per sample: image only, text only, both
+    drop_text: float = 0.05
+    drop_both: float = 0.05
+    mixed_precision: str | None = None  # "no", "bf16", "fp16" (frozen weights in that type, adapter fp32,
+    #                                     autocast); None: what `accelerate launch` says, else "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str | None = None  # "cpu" forces the CPU; default: what accelerate picks
+    # feature cache
+    cache: str | None = "auto"  # folder; "auto": OUTPUT/cache when it fits (< cache_auto_gb); None: no cache
+    cache_auto_gb: float = 16.0
+    cache_dtype: str = "float32"  # "float16"/"bfloat16" halve the cache
+    cache_shard_size: int = 1024
+    # checkpoints and logs
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    resume: bool = False
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    # validation: generate for fixed prompt images every N steps; log the images and their CLIP-I
+    validate_every: int = 0
+    validation_images: list[str] = field(default_factory=list)
+    validation_prompt: str = ""
+    validation_steps: int = 20
+    validation_scale: float = 1.0
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u
+                     for u in unknown]
+            raise IPAdapterError(f"{source}: unknown setting(s) {', '.join(hints)}")
+        values = dict(values)
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except OSError as e:
+            raise IPAdapterError(f"--config {path}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise IPAdapterError(f"--config {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(values, dict):
+            raise IPAdapterError(f"--config {path}: expected a JSON object of settings")
+        values.pop("_comment", None)
+        return cls.from_dict(values, f"--config {path}")
+
+    def check(self) -> TrainConfig:
+        """One-line errors naming the setting, before anything is loaded."""
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise IPAdapterError(f"--{name} is required (or \"{name}\" in the config file)")
+        if self.kind not in KINDS:
+            raise IPAdapterError(f"--kind {self.kind}: trainable kinds are {', '.join(KINDS)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "validation_steps",
+                     "cache_shard_size", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise IPAdapterError(f"--lr {self.lr}: must be a positive number (the paper uses 1e-4)")
+        drops = (self.drop_image, self.drop_text, self.drop_both)
+        if any(not 0 <= p <= 1 for p in drops) or sum(drops) > 1:
+            raise IPAdapterError(f"drop_image/drop_text/drop_both = {drops}: each in [0, 1], together at most 1")
+        choices = {"mixed_precision": (None, "no", "bf16", "fp16"), "lr_schedule": ("constant", "cosine"),
+                   "cache_dtype": ("float32", "float16", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(str(a) for a in allowed if a is not None)
+                raise IPAdapterError(f"{name} = {getattr(self, name)!r}: use one of {shown}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise IPAdapterError(f"--resolution {self.resolution}: must be a multiple of 8 (the VAE downsamples by 8)")
+        if not 0 <= self.ema_decay < 1:
+            raise IPAdapterError(f"ema_decay = {self.ema_decay}: must be in [0, 1) (0 = off; try 0.999)")
+        if self.ema_decay and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise IPAdapterError("ema_decay with FSDP: the EMA copy would hold parameter shards; use DDP or "
+                                 "DeepSpeed ZeRO-2 (configs/), or turn EMA off")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise IPAdapterError(f"max_bad_fraction = {self.max_bad_fraction}: must be in [0, 1]")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@dataclass
+class Models:
+    """The frozen parts of the base model that training needs; encoders are loaded only when used."""
+
+    path: Path
+    unet: nn.Module
+    sdxl: bool
+    alphas_cumprod: torch.Tensor  # [T] on the device
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    scaling: float  # latents = (VAE sample - shift) * scaling
+    shift: float
+    vae_factor: int
+    device: torch.device
+    dtype: torch.dtype  # of the frozen weights
+    vae: nn.Module | None = None
+    text_encoders: list = field(default_factory=list)
+    tokenizers: list = field(default_factory=list)
+    image_encoder: ImageEncoder | None = None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise IPAdapterError(f"{path}: cannot read it ({e})") from None
+
+
+def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    path = Path(cfg.model)
+    if not (path / "model_index.json").is_file():
+        raise IPAdapterError(f"--model {path}: not a diffusers model folder (no model_index.json)")
+    sdxl = "XL" in _read_json(path / "model_index.json").get("_class_name", "")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
+        noise = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
+    except Exception as e:  # noqa: BLE001 - a broken folder is bad input
+        raise IPAdapterError(f"--model {path}: cannot load the UNet or scheduler ({' '.join(str(e).split())[:150]})") \
+            from None
+    vae = _read_json(path / "vae" / "config.json")
+    return Models(path, unet.requires_grad_(False).eval().to(device), sdxl,
+                  noise.alphas_cumprod.to(device, torch.float32), noise.config.prediction_type,
+                  float(vae.get("scaling_factor", 0.18215)), float(vae.get("shift_factor") or 0.0),
+                  2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), device, dtype)
+
+
+def load_encoders(m: Models, cfg: TrainConfig, need_image: bool) -> None:
+    """VAE, text encoder(s), tokenizer(s) and image encoder, frozen, in the frozen-weight dtype."""
+    if m.vae is not None:
+        return
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    try:
+        m.vae = AutoencoderKL.from_pretrained(str(m.path), subfolder="vae")
+        names = ("", "_2") if m.sdxl else ("",)
+        m.tokenizers = [AutoTokenizer.from_pretrained(str(m.path), subfolder=f"tokenizer{n}") for n in names]
+        m.text_encoders = [CLIPTextModel.from_pretrained(str(m.path), subfolder="text_encoder")]
+        if m.sdxl:
+            m.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(str(m.path), subfolder="text_encoder_2"))
+    except Exception as e:  # noqa: BLE001
+        detail = " ".join(str(e).split())[:150]
+        raise IPAdapterError(f"--model {m.path}: cannot load the VAE or text encoders ({detail})") from None
+    for module in (m.vae, *m.text_encoders):
+        frozen(module, m.device, m.dtype)
+    if need_image:
+        m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg))
+        frozen(m.image_encoder.model, m.device, m.dtype)
+
+
+def frozen(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Eval mode, no gradients, on the device in ``dtype`` (fp16 files load as fp16 with transformers 5)."""
+    module.requires_grad_(False).eval().to(device)
+    if next(module.parameters()).dtype != dtype:  # cast only when needed: diffusers warns on any dtype cast
+        module.to(dtype=dtype)
+    return module
+
+
+def image_encoder_dir(cfg: TrainConfig) -> Path:
+    path = Path(cfg.image_encoder) if cfg.image_encoder else Path(cfg.model) / "image_encoder"
+    if not (path / "config.json").is_file():
+        raise IPAdapterError(f"{path}: no image encoder there (no config.json); pass --image-encoder DIR "
+                             "(a CLIPVisionModelWithProjection folder)")
+    return path
+
+
+def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
+    """A new adapter shaped for the UNet and the encoder feature its kind reads; K/V copied from text K/V."""
+    overrides = dict(cfg.adapter)
+    if cfg.kind == "faceid":
+        embed, tokens = 512, cfg.num_tokens
+    else:
+        from transformers import CLIPVisionConfig
+
+        enc = CLIPVisionConfig.from_pretrained(str(image_encoder_dir(cfg)))
+        embed = enc.projection_dim if cfg.kind == "global" else enc.hidden_size
+        tokens = cfg.num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if cfg.kind == "full" else None)
+    torch.manual_seed(cfg.seed)  # the projection's initial weights
+    return Adapter.for_unet(unet, cfg.kind, embed_dim=embed, num_tokens=tokens, **overrides)
+
+
+# -------------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def encode_text(m: Models, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x: the text encoder's last hidden state. SDXL: both encoders' penultimate states + pooled."""
+    if not m.sdxl:
+        return {"text": m.text_encoders[0](ids[0].to(m.device))[0].float()}
+    states, pooled = [], None
+    for encoder, tokens in zip(m.text_encoders, ids):
+        out = encoder(tokens.to(m.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of the projection model
+    return {"text": torch.cat(states, -1).float(), "pooled": pooled.float()}
+
+
+@torch.no_grad()
+def encode(m: Models, batch: dict, kind: str, variants: int = 1) -> dict[str, torch.Tensor]:
+    """Decoded batch -> the features training reads: VAE moments, time ids [n, V, ...], text, image feature."""
+    n = batch["pixels"].shape[0] // variants
+    dist = m.vae.encode(batch["pixels"].to(m.device, m.dtype)).latent_dist
+    feats = {"latent_mean": dist.mean.float().unflatten(0, (n, variants)),
+             "latent_std": dist.std.float().unflatten(0, (n, variants)),
+             "time_ids": batch["time_ids"].to(m.device).unflatten(0, (n, variants))}
+    feats.update(encode_text(m, batch["ids"]))
+    if kind == "faceid":
+        feats["image"] = batch["face"].to(m.device)
+    elif kind == "global":
+        feats["image"] = m.image_encoder.model(batch["clip"].to(m.device, m.dtype)).image_embeds.float()
+    else:  # penultimate hidden states: all patch tokens + CLS
+        out = m.image_encoder.model(batch["clip"].to(m.device, m.dtype), output_hidden_states=True)
+        feats["image"] = out.hidden_states[-2].float()
+    return feats
+
+
+@torch.no_grad()
+def uncond_features(m: Models, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """What a dropped condition becomes: the empty caption's embedding; the image as at inference (the core's
+    unconditional branch: a zero embedding, or the encoder run on all-zero pixel values for patch kinds)."""
+    ids = [tok("", padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in m.tokenizers]
+    out = encode_text(m, ids)
+    if adapter.config.kind == "faceid":
+        out["image"] = torch.zeros(1, 512, device=m.device)
+    else:
+        size = int(m.image_encoder.model.config.image_size)
+        zeros = torch.zeros(1, 3, size, size, device=m.device, dtype=m.dtype)
+        _, unc = m.image_encoder.encode(adapter.config, pixel_values=zeros)
+        out["image"] = getattr(unc, FEATURE[adapter.config.kind]).float()
+    return out
+
+
+def pick_variant(feats: dict[str, torch.Tensor], variant: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """[n, V, ...] cached tensors -> [n, ...]: the mirror image where the flip draw says so."""
+    out = dict(feats)
+    for name in ("latent_mean", "latent_std", "time_ids"):
+        t = feats[name]
+        out[name] = t[:, 0] if variant is None else t[torch.arange(t.shape[0], device=t.device), variant]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the model
+class Trainee(nn.Module):
+    """The frozen UNet with the adapter attached; only the adapter's parameters require gradients.
+
+    One module so that ``accelerator.prepare`` wraps both and DDP synchronises just the adapter's gradients.
+    """
+
+    def __init__(self, unet: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+        self.feature = FEATURE[adapter.config.kind]
+
+    def forward(self, noisy, timesteps, text, image, added_cond=None) -> torch.Tensor:
+        tokens = self.adapter.project(Features(**{self.feature: image}))  # cond-only tokens [B, T, C]
+        # every layer's image K/V, computed once here - outside any gradient-checkpointed block
+        self.adapter.state.set_tokens(tokens)
+        return self.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added_cond,
+                         return_dict=False)[0]
+
+
+def step_draws(gen: torch.Generator, seed: int, k: int, global_batch: int, shape: tuple, num_timesteps: int,
+               rows: slice) -> dict[str, torch.Tensor]:
+    """Noise, VAE sampling noise, timestep and dropout draw of this rank's rows of global batch ``k``.
+
+    Drawn for the whole global batch from a generator seeded by (seed, k): resuming at ``k`` draws the same,
+    and 2 processes of batch b draw what 1 process of batch 2b draws.
+    """
+    gen.manual_seed((seed * 1_000_003 + k) % (2**63 - 1))
+    dev = gen.device
+    draws = {"noise": torch.randn((global_batch, *shape), generator=gen, device=dev),
+             "vae_eps": torch.randn((global_batch, *shape), generator=gen, device=dev),
+             "t": torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=dev),
+             "u": torch.rand(global_batch, generator=gen, device=dev)}
+    return {name: t[rows] for name, t in draws.items()}
+
+
+def loss_for(model: nn.Module, m: Models, cfg: TrainConfig, feats: dict, uncond: dict, d: dict) -> torch.Tensor:
+    """MSE between the UNet's prediction and the scheduler's target on one batch of features."""
+    x0 = (feats["latent_mean"] + feats["latent_std"] * d["vae_eps"] - m.shift) * m.scaling
+    a = m.alphas_cumprod[d["t"]].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * d["noise"]
+    target = {"epsilon": d["noise"], "v_prediction": a.sqrt() * d["noise"] - (1 - a).sqrt() * x0,
+              "sample": x0}[m.prediction_type]
+    # one draw per sample: [0, pi) image dropped, [pi, pi+pt) text dropped, [pi+pt, pi+pt+pb) both
+    u, pi, pt, pb = d["u"], cfg.drop_image, cfg.drop_text, cfg.drop_both
+    drop_image = (u < pi) | ((u >= pi + pt) & (u < pi + pt + pb))
+    drop_text = (u >= pi) & (u < pi + pt + pb)
+    image = feats["image"]
+    image = torch.where(drop_image.view(-1, *[1] * (image.ndim - 1)), uncond["image"].to(image), image)
+    text = torch.where(drop_text[:, None, None], uncond["text"].to(feats["text"]), feats["text"]).to(m.dtype)
+    added = None
+    if m.sdxl:
+        pooled = torch.where(drop_text[:, None], uncond["pooled"].to(feats["pooled"]), feats["pooled"])
+        added = {"text_embeds": pooled.to(m.dtype), "time_ids": feats["time_ids"].to(m.dtype)}
+    pred = model(noisy, d["t"], text, image, added)
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ------------------------------------------------------------------------------------------------- the data
+def feature_cache(cfg: TrainConfig, m: Models, records: list, buckets: list, num_items: int):
+    """The FeatureCache for this run (None when not caching); its fingerprint names all its inputs."""
+    from .cache import FeatureCache
+
+    root = cfg.cache
+    if not root:
+        return None
+    if root == "auto":
+        est = estimate_cache_bytes(cfg, m, buckets) * num_items
+        if cfg.random_crop or est > cfg.cache_auto_gb * 1e9:
+            return None
+        root = str(Path(cfg.output) / "cache")
+    if cfg.random_crop:
+        raise IPAdapterError("--cache with random_crop: crops are drawn every step and cannot be cached; turn "
+                             "random_crop off or train without a cache (\"cache\": null)")
+
+    def ident(p: Path) -> list:
+        return [str(p.resolve()), *((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ())]
+
+    weights = [ident(f) for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+               for f in sorted((m.path / sub).glob("*")) if f.is_file()]
+    if cfg.kind != "faceid":
+        enc = image_encoder_dir(cfg)
+        weights += [ident(f) for f in sorted(enc.glob("*")) if f.is_file()]
+        weights += [ident(f) for f in sorted((m.path / "feature_extractor").glob("*")) if f.is_file()]
+    data = Path(cfg.data)
+    info = {"model": str(m.path.resolve()), "weights": weights, "data": ident(data) if data.exists() else cfg.data,
+            "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+            "records": [r.name for r in records[:3]], "feature": FEATURE[cfg.kind], "buckets": buckets,
+            "flip": cfg.random_flip, "dtype": cfg.cache_dtype, "frozen_dtype": str(m.dtype)}
+    return FeatureCache(root, info, num_items, cfg.cache_shard_size)
+
+
+def estimate_cache_bytes(cfg: TrainConfig, m: Models, buckets: list) -> float:
+    """Bytes per cached item (latent moments, text states, image feature), from the component configs."""
+    h, w = buckets[0]
+    channels = _read_json(m.path / "vae" / "config.json").get("latent_channels", 4)
+    latents = 2 * channels * (h // m.vae_factor) * (w // m.vae_factor) * (2 if cfg.random_flip else 1)
+    text = 77 * int(m.unet.config.cross_attention_dim or 768)
+    if cfg.kind == "faceid":
+        image = 512
+    else:
+        enc = _read_json(image_encoder_dir(cfg) / "config.json")
+        enc = enc.get("vision_config", enc)
+        image = enc.get("projection_dim", 768) if cfg.kind == "global" else \
+            ((enc.get("image_size", 224) // enc.get("patch_size", 14)) ** 2 + 1) * enc.get("hidden_size", 1024)
+    return (latents + text + image) * (4 if cfg.cache_dtype == "float32" else 2)
+
+
+def build_cache(cache, cfg: TrainConfig, m: Models, adapter: Adapter, records: list, transform: D.Transform,
+                accelerator, log) -> None:
+    """Encode every item once (this rank's share of the missing shards) and write the shards."""
+    load_encoders(m, cfg, cfg.kind != "faceid")
+    transform.tokenizers = m.tokenizers
+    dataset = D.ImageTextDataset(records, transform)
+    store = getattr(torch, cfg.cache_dtype)
+    variants = 2 if cfg.random_flip else 1
+    workers = default_workers(cfg, accelerator)
+    chunk = max(cfg.batch_size, 16)
+
+    def encode_items(items: list[int]) -> tuple[dict, list]:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=[(i, -1, -1) for i in items], num_workers=workers)
+        groups: dict[int, list[dict]] = {}
+        bad: list = []
+        pending: dict[int, list[dict]] = {}
+
+        def flush(b: int) -> None:
+            samples = pending.pop(b, [])
+            if not samples:
+                return
+            batch = {"pixels": torch.cat([s["pixels"] for s in samples]),
+                     "time_ids": torch.cat([s["time_ids"] for s in samples]),
+                     "ids": [torch.stack([s["ids"][j] for s in samples]) for j in range(len(samples[0]["ids"]))]}
+            for key in ("clip", "face"):
+                if key in samples[0]:
+                    batch[key] = torch.stack([s[key] for s in samples])
+            feats = encode(m, batch, cfg.kind, variants)
+            feats = {k: v.to(store) if v.is_floating_point() else v for k, v in feats.items()}
+            feats["item"] = torch.tensor([s["item"] for s in samples])
+            feats["mode"] = torch.tensor([hash(s["mode"]) % 2**31 if s["mode"] else 0 for s in samples])
+            groups.setdefault(b, []).append(feats)
+            for s in samples:
+                if s["mode"]:
+                    bad.append([s["item"], "converted", s["mode"], ""])
+
+        for sample in loader:
+            if "bad" in sample:
+                reason, name, detail = sample["bad"]
+                bad.append([sample["item"], reason, name, detail])
+                continue
+            pending.setdefault(sample["bucket"], []).append(sample)
+            if len(pending[sample["bucket"]]) >= chunk:
+                flush(sample["bucket"])
+        for b in list(pending):
+            flush(b)
+        merged = {b: {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "mode"}
+                  for b, parts in groups.items()}
+        return merged, bad
+
+    def progress(done: int, total: int) -> None:
+        log(f"cache: shard {done}/{total} written on rank {accelerator.process_index}", quiet=True)
+
+    todo = len(cache.missing())
+    if todo:
+        log(f"cache: computing features of {len(records)} items into {cache.dir} ({todo} shards to write)")
+    cache.build(encode_items, lambda: {k: v.to(store) for k, v in uncond_features(m, adapter).items()},
+                accelerator.process_index, accelerator.num_processes, progress)
+    accelerator.wait_for_everyone()
+
+
+def default_workers(cfg: TrainConfig, accelerator) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    if accelerator.device.type == "cpu":
+        return 0  # the CPU is busy with the model; decoding in the main process is the fair share
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, accelerator.num_processes) - 1))
+
+
+class StepKeys(torch.utils.data.Sampler):
+    """Loader keys of this rank's rows of global batches ``start ... end-1`` (uncached training)."""
+
+    def __init__(self, order: D.BatchOrder, start: int, end: int, rank: int, batch: int):
+        self.order, self.start, self.end, self.rank, self.b = order, start, end, rank, batch
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self):
+        for k in range(self.start, self.end):
+            _, items = self.order.batch(k)
+            rows = range(self.rank * self.b, (self.rank + 1) * self.b)
+            yield [(int(items[r]), k, r) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(output: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    folder = Path(output) / "checkpoints"
+    found = [(int(mt.group(1)), p) for p in folder.glob("step-*") if (mt := CHECKPOINT.match(p.name))] \
+        if folder.is_dir() else []
+    return sorted(f for f in found if (f[1] / "state.pt").is_file())
+
+
+def _save_synced(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    state = np.random.get_state()
+    out = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "numpy": [state[0], torch.from_numpy(state[1].astype(np.int64)), *state[2:]]}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------- logging
+class Log:
+    """Lines to stderr (above the progress bar) and to OUTPUT/train.log, main process only."""
+
+    def __init__(self, output: Path, main: bool):
+        self.main = main
+        self.file = open(output / "train.log", "a") if main else None  # noqa: SIM115 - closed in close()
+        self.bar = None
+
+    def __call__(self, message: str, quiet: bool = False) -> None:
+        if not self.main:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.file.write(f"{stamp} {message}\n")
+        self.file.flush()
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint and leaves. A second Ctrl-C kills at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        self.__exit__()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+# --------------------------------------------------------------------------------------------------- train
+def train(config: TrainConfig) -> Path:
+    """Train an adapter as ``config`` says; returns OUTPUT/ip-adapter.safetensors (official layout).
+
+    Raises :class:`IPAdapterError` on bad input, too many bad items or a NaN loss (the last good checkpoint
+    is kept), and ``KeyboardInterrupt`` after saving a checkpoint on Ctrl-C.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+
+    cfg = dataclasses.replace(config).check()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # in-process callers may train several times, differently
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=cpu, step_scheduler_with_optimizer=False)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+    out = Path(cfg.output)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    log = Log(out, main)
+    cfg.mixed_precision = accelerator.mixed_precision
+    frozen = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    try:
+        return _train(cfg, accelerator, log, device, rank, world, main, out, frozen, DistributedType)
+    finally:
+        log.close()
+
+
+def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, DistributedType) -> Path:
+    # ---- models and adapter
+    m = load_models(cfg, device, frozen)
+    cfg.resolution = cfg.resolution or int(m.unet.config.sample_size) * m.vae_factor
+    if cfg.resolution % m.vae_factor:
+        raise IPAdapterError(f"--resolution {cfg.resolution}: must be a multiple of {m.vae_factor} for this VAE")
+    adapter = make_adapter(cfg, m.unet)
+    attach(m.unet, adapter)
+    if cfg.gradient_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+    if next(m.unet.parameters()).dtype != frozen:
+        m.unet.to(dtype=frozen)  # the frozen weights in the compute type; the adapter stays fp32 (master weights)
+    adapter.float().requires_grad_(True)
+    params = list(adapter.parameters())
+    log(f"model {m.path} ({'SDXL' if m.sdxl else 'SD 1.x'}, {m.prediction_type}); {adapter.config.describe()}, "
+        f"{sum(p.numel() for p in params):,} trainable parameters; {world} process(es) on {device}")
+
+    # ---- data: the items, their buckets, and features (cached or computed per batch)
+    bad = D.BadItems()
+    records = D.read_records(cfg.data, cfg.data_root, bad)
+    total = len(records) + bad.count
+    bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
+    use_buckets = m.sdxl if cfg.buckets is None else cfg.buckets
+    buckets = D.make_buckets(cfg.resolution, m.vae_factor) if use_buckets else [(cfg.resolution, cfg.resolution)]
+    transform = D.Transform(buckets, [], None, cfg.kind == "faceid", cfg.random_crop, cfg.random_flip, cfg.seed)
+    if cfg.kind != "faceid":
+        from transformers import CLIPImageProcessor
+
+        fe = m.path / "feature_extractor"
+        enc_dir = image_encoder_dir(cfg)
+        src = next((d for d in (enc_dir, fe) if (d / "preprocessor_config.json").is_file()), None)
+        transform.clip_processor = CLIPImageProcessor.from_pretrained(str(src)) if src else _default_processor(enc_dir)
+    global_batch = cfg.batch_size * world
+    cache = feature_cache(cfg, m, records, buckets, len(records))
+    if cache is not None:
+        if not cache.complete:
+            build_cache(cache, cfg, m, adapter, records, transform, accelerator, log)
+        in_memory = cache.nbytes() < _memory_budget()
+        on_device = in_memory and (device.type == "cpu" or cache.nbytes() < 0.1 * _device_memory(device))
+        cached = cache.open(device if on_device else "cpu", in_memory)
+        for item, reason, name, detail in cached.bad:
+            if reason == "converted":
+                bad.add_mode(name, item)
+            else:
+                bad.add(reason, name, item, detail)
+        uncond = cached.uncond
+        bucket_of = cached.bucket_of
+        log(f"cache: {cache.dir} ({cache.nbytes() / 1e6:.1f} MB, "
+            f"{'on ' + str(device) if on_device else 'in memory' if in_memory else 'memory-mapped'})")
+        m.vae = None
+        m.text_encoders, m.image_encoder = [], None  # training from the cache needs only the UNet
+    else:
+        load_encoders(m, cfg, cfg.kind != "faceid")
+        transform.tokenizers = m.tokenizers
+        uncond = uncond_features(m, adapter)
+        bucket_of = D.scan_buckets(records, buckets, bad) if len(buckets) > 1 else np.zeros(len(records), np.int64)
+    bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
+    if bad.count or bad.converted:
+        log(f"data: {bad.summary(total)}")
+    order = D.BatchOrder(bucket_of, global_batch, cfg.seed)
+
+    # ---- optimiser, schedule, EMA; accelerate wraps model + optimiser + schedule (DDP syncs adapter grads)
+    model = Trainee(m.unet, adapter)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(step, cfg.max_steps) / cfg.max_steps))
+        return warm
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = [p.detach().clone().float() for p in params] if cfg.ema_decay else None
+    sharded_state = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+    # ---- resume
+    step = 0
+    if main:
+        for stale in (out / "checkpoints").glob(".step-*.tmp") if (out / "checkpoints").is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
+    if cfg.resume and (found := checkpoints(out)):
+        step, path = found[-1]
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        _check_resume(state, cfg, adapter, global_batch, log)
+        if sharded_state:
+            accelerator.load_state(str(path / "accelerate"))
+        else:
+            adapter.load_state_dict(state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            for e, saved in zip(ema, state["ema"]):
+                e.copy_(saved)
+        rng_file = path / f"rng-{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        log(f"resumed from {path} (step {step})")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
+
+    def official_weights() -> dict[str, torch.Tensor]:
+        """The adapter's tensors (EMA weights when on). Collective under FSDP: call on every rank."""
+        if accelerator.distributed_type == DistributedType.FSDP:  # parameters are sharded: gather them
+            full = accelerator.get_state_dict(model)
+            return {k[len("adapter."):]: v for k, v in full.items() if k.startswith("adapter.")}
+        if ema is not None:
+            return {name: e for (name, _), e in zip(adapter.named_parameters(), ema)}
+        return adapter.state_dict()
+
+    def save(step: int) -> Path:
+        """Everything a resume needs, written to a temporary folder and renamed into place (atomic)."""
+        folder = out / "checkpoints"
+        final, tmp = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp"
+        if final.is_dir():
+            return final
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        _save_synced(rng_state(), tmp / f"rng-{rank}.pt")
+        if sharded_state:
+            accelerator.save_state(str(tmp / "accelerate"))
+        weights = official_weights()
+        accelerator.wait_for_everyone()
+        if main:
+            from .checkpoint import write_checkpoint
+
+            write_checkpoint(tmp / "ip-adapter.safetensors", adapter.config, weights)
+            state = {"step": step, "batches": step * cfg.grad_accum, "global_batch": global_batch, "world": world,
+                     "adapter": None if sharded_state else adapter.state_dict(),
+                     "optimizer": None if sharded_state else optimizer.state_dict(),
+                     "lr_scheduler": scheduler.state_dict(), "ema": ema,
+                     "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+                     "bad": {"skipped": dict(bad.skipped), "converted": dict(bad.converted)}}
+            _save_synced(state, tmp / "state.pt")
+            if os.environ.get("IPADAPTER_TEST_SAVE_SLEEP"):  # tests kill the process here, mid-save
+                time.sleep(float(os.environ["IPADAPTER_TEST_SAVE_SLEEP"]))
+            os.replace(tmp, final)
+            _fsync_dir(folder)
+            for _, old in checkpoints(out)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    # ---- the loop
+    writer = _tensorboard(out, log) if main and cfg.tensorboard else None
+    workers = default_workers(cfg, accelerator)
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    gen = torch.Generator(device)
+    variants = 2 if (cache is not None and cfg.random_flip) else 1
+    A = cfg.grad_accum
+    T = m.alphas_cumprod.shape[0]
+
+    def batches(start: int):
+        """(k, features of this rank's rows of global batch k) for k = start, start+1, ..."""
+        end = cfg.max_steps * A
+        if cache is not None:
+            for k in range(start, end):
+                bucket, items = order.batch(k)
+                feats = cached.gather(bucket, items[rows])
+                variant = None
+                if variants > 1:
+                    flips = D.augment_draws(cfg.seed, k, global_batch)[rows, 0] < 0.5
+                    variant = torch.from_numpy(flips.astype(np.int64)).to(device)
+                yield k, pick_variant(feats, variant), [], []
+            return
+        dataset = D.ImageTextDataset(records, transform, order, bucket_of)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=StepKeys(order, start, end, rank, cfg.batch_size), num_workers=workers,
+            collate_fn=D.collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        for k, batch in zip(range(start, end), loader):
+            yield k, pick_variant(encode(m, batch, cfg.kind), None), batch["bad"], batch["modes"]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (main and cfg.progress), file=sys.stderr)
+    log.bar = bar
+    window: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check: no per-step sync
+    last_check, last_time = step, time.perf_counter()
+    last_saved = checkpoints(out)[-1][0] if checkpoints(out) else None
+    source = batches(step * A)
+    model_ = accelerator.unwrap_model(model)
+    with StopRequest() as stop:
+        try:
+            while step < cfg.max_steps:
+                step_loss = None
+                for _ in range(A):
+                    k, feats, bad_items, modes = next(source)
+                    for item, reason, name, detail in bad_items:
+                        bad.add(reason, name, item, detail)
+                    for item, mode in modes:
+                        bad.add_mode(mode, item)
+                    d = step_draws(gen, cfg.seed, k, global_batch, tuple(feats["latent_mean"].shape[1:]), T, rows)
+                    with accelerator.accumulate(model):
+                        loss = loss_for(model, m, cfg, feats, uncond, d)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    step_loss = loss.detach() / A if step_loss is None else step_loss + loss.detach() / A
+                scheduler.step()
+                if ema is not None:
+                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
+                step += 1
+                bar.update(1)
+                window.append((step, step_loss))
+
+                due_save = step % cfg.save_every == 0 or step == cfg.max_steps
+                due_val = cfg.validate_every and step % cfg.validate_every == 0 and cfg.validation_images
+                if not (step % cfg.log_every == 0 or due_save or due_val or (world == 1 and stop.signal)):
+                    continue
+                # ---- a check point: one sync for the window's losses, bad items and stop requests
+                flags = torch.tensor([float(stop.signal is not None), float(bad.count)], device=device)
+                losses = torch.stack([loss for _, loss in window])
+                if world > 1:
+                    losses = accelerator.reduce(losses, "mean")
+                    flags = accelerator.reduce(flags, "sum")
+                values = losses.tolist()
+                for (s, _), v in zip(window, values):
+                    if not math.isfinite(v):
+                        keep = f"the last good checkpoint is {out / 'checkpoints' / f'step-{last_saved:06d}'}" \
+                            if last_saved is not None else "no checkpoint was saved before it"
+                        raise IPAdapterError(
+                            f"loss is {v} at step {s}: training stopped; {keep} (resume from it with --resume, "
+                            "perhaps with a lower --lr or max_grad_norm)")
+                now = time.perf_counter()
+                rate = (step - last_check) / max(now - last_time, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                mean_loss = sum(values) / len(values)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                if writer is not None:
+                    writer.add_scalar("train/loss", mean_loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/steps_per_s", rate, step)
+                log(f"step {step}: loss {mean_loss:.5f}, lr {lr:.2e}, {rate:.2f} steps/s", quiet=True)
+                if flags[1] > cfg.max_bad_fraction * total:
+                    bad.check(total if world == 1 else int(flags[1] // cfg.max_bad_fraction), cfg.max_bad_fraction,
+                              f"--data {cfg.data}")
+                    raise IPAdapterError(f"--data {cfg.data}: {int(flags[1])} of {total} items are unusable (over "
+                                         f"{cfg.max_bad_fraction:.0%}); fix the data and run again")
+                window, last_check, last_time = [], step, now
+                if due_val and main:
+                    validate(cfg, m, model_, ema, params, step, writer, log, accelerator)
+                if due_val:
+                    accelerator.wait_for_everyone()
+                if due_save:
+                    save(step)
+                    last_saved = step
+                if flags[0] > 0:
+                    path = save(step)
+                    last_saved = step
+                    log(f"interrupted at step {step}: checkpoint saved to {path}; continue with --resume")
+                    raise KeyboardInterrupt
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+    # ---- the adapter file, in the official layout
+    final = out / "ip-adapter.safetensors"
+    if last_saved != step:
+        save(step)
+    weights = official_weights()
+    if main:
+        from .checkpoint import write_checkpoint
+
+        write_checkpoint(final, adapter.config, weights)
+        if bad.count or bad.converted:
+            log(f"data: {bad.summary(total)}")
+        log(f"wrote {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_resume(state: dict, cfg: TrainConfig, adapter: Adapter, global_batch: int, log) -> None:
+    saved = state.get("config", {})
+    for name in ("kind", "num_tokens", "resolution"):
+        if saved.get(name) != getattr(cfg, name):
+            raise IPAdapterError(f"--resume: the checkpoint was trained with {name} = {saved.get(name)!r}, this run "
+                                 f"has {getattr(cfg, name)!r}; use another --output or the same setting")
+    if state.get("global_batch") != global_batch or saved.get("grad_accum") != cfg.grad_accum:
+        log(f"--resume: global batch was {state.get('global_batch')} x {saved.get('grad_accum')} accumulation, now "
+            f"{global_batch} x {cfg.grad_accum}; training continues, but not on the exact batches of an unbroken run")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _default_processor(encoder_dir: Path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    size = int(CLIPVisionConfig.from_pretrained(str(encoder_dir)).image_size)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _memory_budget() -> float:
+    try:
+        return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4e9
+
+
+def _device_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    return _memory_budget() * 4
+
+
+def _tensorboard(out: Path, log):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("tensorboard is not installed (pip install tensorboard); logging to train.log only")
+        return None
+    return SummaryWriter(str(out / "logs"))
+
+
+# ----------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int, writer, log, accelerator) -> None:
+    """Generate for the fixed prompt images with the current (EMA) weights; log the images and their CLIP-I."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .encoders import load_image
+    from .pipeline import IPAdapter, save_png
+
+    if cfg.kind == "faceid":
+        log("validation: skipped for faceid adapters (prompts are face embeddings, CLIP-I does not apply)")
+        return
+    if m.image_encoder is None:  # trained from the cache: load the encoders the first time they are needed
+        m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg))
+        frozen(m.image_encoder.model, m.device, m.dtype)
+    if not hasattr(m, "_pipe"):
+        from diffusers import AutoencoderKL
+
+        p = str(m.path)
+        parts = dict(vae=frozen(AutoencoderKL.from_pretrained(p, subfolder="vae"), m.device, m.dtype),
+                     text_encoder=frozen(CLIPTextModel.from_pretrained(p, subfolder="text_encoder"), m.device, m.dtype),
+                     tokenizer=AutoTokenizer.from_pretrained(p, subfolder="tokenizer"),
+                     scheduler=DDIMScheduler.from_pretrained(p, subfolder="scheduler"), unet=model.unet)
+        if m.sdxl:
+            parts.update(text_encoder_2=frozen(CLIPTextModelWithProjection.from_pretrained(
+                p, subfolder="text_encoder_2"), m.device, m.dtype),
+                tokenizer_2=AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2"))
+            pipe = StableDiffusionXLPipeline(**parts)
+        else:
+            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        object.__setattr__(m, "_pipe", pipe.to(m.device))
+    pipe = m._pipe
+    saved = None
+    if ema is not None:  # validate what would be written: the EMA weights
+        saved = [p.detach().clone() for p in params]
+        for p, e in zip(params, ema):
+            p.data.copy_(e)
+    runtime = runtime_of(model.unet)
+    hint = runtime.cfg_hint
+    folder = Path(cfg.output) / "validation" / f"step-{step:06d}"
+    scores = []
+    try:
+        ip = IPAdapter(pipe, [model.adapter], m.image_encoder)
+        with accelerator.autocast():
+            for i, file in enumerate(cfg.validation_images):
+                prompt = load_image(file)
+                image = ip.generate(images=[prompt], prompt=cfg.validation_prompt, scale=cfg.validation_scale,
+                                    num_inference_steps=cfg.validation_steps, seed=i, height=cfg.resolution,
+                                    width=cfg.resolution)[0]
+                save_png(image, folder / f"{i:02d}.png", f"step {step}, prompt image {file}")
+                emb = m.image_encoder.model(m.image_encoder.pixels([image, prompt])).image_embeds.float()
+                scores.append(float(F.cosine_similarity(emb[0:1], emb[1:2]).item()))
+                if writer is not None:
+                    arr = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+                    writer.add_image(f"validation/{i:02d}", arr, step)
+    finally:
+        runtime.cfg_hint = hint
+        model.adapter.state.set_tokens(None)
+        if saved is not None:
+            for p, s in zip(params, saved):
+                p.data.copy_(s)
+    clip_i = sum(scores) / len(scores)
+    if writer is not None:
+        writer.add_scalar("validation/clip_i", clip_i, step)
+    log(f"validation at step {step}: CLIP-I {clip_i:.4f} over {len(scores)} prompt image(s) -> {folder}")
+
+
+# -------------------------------------------------------------------------------------------------- the CLI
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    t = subparsers.add_parser("train", help="train an adapter (any kind; SD 1.x or SDXL; 1 CPU to many GPUs)",
+                              description="Train an IP-Adapter. Settings come from --config (JSON), then the flags; "
+                                          "launch with `accelerate launch -m ipadapter.cli train ...` for several "
+                                          "GPUs.")
+    t.add_argument("--config", help="JSON file of TrainConfig settings (see configs/)")
+    t.add_argument("--model", help="diffusers model folder (SD 1.x or SDXL)")
+    t.add_argument("--data", help=".json/.jsonl list, folder of images + .txt captions, or .tar shards")
+    t.add_argument("--data-root", help="folder the JSON list's paths are relative to")
+    t.add_argument("--output", help="output folder: ip-adapter.safetensors, checkpoints/, logs/")
+    t.add_argument("--kind", choices=KINDS)
+    t.add_argument("--image-encoder", help="CLIP vision folder (default MODEL/image_encoder)")
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, help="per process")
+    t.add_argument("--resolution", type=int)
+    t.add_argument("--save-every", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--cache", help="feature cache folder (latents, text and image features computed once)")
+    t.add_argument("--no-cache", action="store_true", help="encode every step instead of caching")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set ema_decay=0.999 --set mixed_precision=bf16")
+    return t
+
+
+def config_from_args(args) -> TrainConfig:
+    values: dict = {}
+    if args.config:
+        values = dataclasses.asdict(TrainConfig.from_file(args.config))
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise IPAdapterError(f"--set {item}: expected KEY=VALUE")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    flags = {"model": args.model, "data": args.data, "data_root": args.data_root, "output": args.output,
+             "kind": args.kind, "image_encoder": args.image_encoder, "max_steps": args.max_steps,
+             "batch_size": args.batch_size, "resolution": args.resolution, "save_every": args.save_every,
+             "lr": args.lr, "cache": args.cache}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_cache:
+        values["cache"] = None
+    if args.resume:
+        values["resume"] = True
+    return TrainConfig.from_dict(values, "flags")
+
+
+def cmd_train(args) -> int:
+    path = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(path)
+    return 0

@@ -1,0 +1,268 @@
+"""Parity with diffusers' built-in IP-Adapter (the oracle) on the same weights, and generation behaviour.
+
+Noise predictions are compared by calling the UNet directly (diffusers: ``added_cond_kwargs["image_embeds"]``;
+ours: tokens set on the attached adapter), final images by running the same diffusers pipeline both ways.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (
+    GEN,
+    PATCH_AND_GLOBAL,
+    SHAPES,
+    cross_layers,
+    diffusers_ip_adapter,
+    generator,
+    make_adapter,
+    noise_prediction,
+    unet_inputs,
+)
+from ipadapter.errors import IPAdapterError
+from ipadapter.pipeline import ImagePrompt, check_scale, find_image_encoder, load
+
+SCALE = 0.7
+
+
+def _ours_noise(pipe, files, prompts, inputs, change=None):
+    ip = load(pipe, files)
+    try:
+        for i, prompt in enumerate(prompts):
+            ip.set_images(adapter=i, prompt=prompt)
+            ip.adapters[i].state.cfg = True  # the batch is [uncond; cond], like diffusers' stacked embeddings
+        if change is not None:
+            change(ip)
+        return noise_prediction(pipe, inputs)
+    finally:
+        ip.detach()
+
+
+def _assert_parity(ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor) -> None:
+    assert (ref - base).abs().max() > 1e-3  # the adapter changes the prediction: the comparison means something
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------ noise predictions
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", PATCH_AND_GLOBAL)
+def test_noise_prediction_matches_diffusers(pipe_for, adapter_file, prompt_images, shape, kind):
+    pipe = pipe_for(shape)
+    path = adapter_file(shape, kind)
+    inputs = unet_inputs(pipe)
+    base = noise_prediction(pipe, inputs)
+    ours = _ours_noise(pipe, [path], [ImagePrompt(images=[prompt_images[0]], scale=SCALE)], inputs)
+    with diffusers_ip_adapter(pipe, [path], [SCALE]):
+        embeds = pipe.prepare_ip_adapter_image_embeds(prompt_images[0], None, "cpu", 1, True)
+        ref = noise_prediction(pipe, inputs, image_embeds=embeds)
+    _assert_parity(ours, ref, base)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_several_adapters_several_images_and_scale_changes_match_diffusers(pipe_for, adapter_file, prompt_images,
+                                                                           shape):
+    pipe = pipe_for(shape)
+    files = [adapter_file(shape, "global"), adapter_file(shape, "plus"), adapter_file(shape, "full", seed=1)]
+    images = [[prompt_images[0]], [prompt_images[1], prompt_images[2]], [prompt_images[2], prompt_images[0]]]
+    scales = [0.6, 0.4, 0.5]
+    inputs = unet_inputs(pipe)
+    base = noise_prediction(pipe, inputs)
+    prompts = [ImagePrompt(images=im, scale=s) for im, s in zip(images, scales)]
+
+    def rescale(ip):  # change one adapter's scale after its tokens are set: no re-encoding
+        ip.adapters[1].state.scale = 0.9
+
+    ours = _ours_noise(pipe, files, prompts, inputs)
+    ours_changed = _ours_noise(pipe, files, prompts, inputs, change=rescale)
+    with diffusers_ip_adapter(pipe, files, scales):
+        embeds = pipe.prepare_ip_adapter_image_embeds(images, None, "cpu", 1, True)
+        ref = noise_prediction(pipe, inputs, image_embeds=embeds)
+        pipe.set_ip_adapter_scale([0.6, 0.9, 0.5])
+        ref_changed = noise_prediction(pipe, inputs, image_embeds=embeds)
+    _assert_parity(ours, ref, base)
+    _assert_parity(ours_changed, ref_changed, ref)
+
+
+@pytest.mark.parametrize("kind", ["faceid", "faceid-portrait"])
+def test_faceid_noise_prediction_matches_diffusers_without_lora(tmp_path, sd15_pipe, kind):
+    """diffusers takes face embeddings as precomputed image embeds (its LoRA path needs peft: not here)."""
+    pipe = sd15_pipe
+    adapter = make_adapter(pipe.unet, kind, lora=False, id_hidden=1024)
+    path = tmp_path / f"{kind}.safetensors"
+    adapter.save(path)
+    faces = torch.randn(3 if kind == "faceid-portrait" else 1, 512)
+    inputs = unet_inputs(pipe)
+    base = noise_prediction(pipe, inputs)
+    ours = _ours_noise(pipe, [path], [ImagePrompt(face_embeds=faces, scale=SCALE)], inputs)
+    with diffusers_ip_adapter(pipe, [path], [SCALE]):
+        embeds = [torch.stack([torch.zeros_like(faces), faces])]  # [uncond; cond] x n faces x 512
+        ref = noise_prediction(pipe, inputs, image_embeds=embeds)
+    _assert_parity(ours, ref, base)
+
+
+# ---------------------------------------------------------------------------------------- final images
+def _diffusers_images(pipe, files, scales, images, **kwargs):
+    with diffusers_ip_adapter(pipe, files, scales):
+        return pipe(ip_adapter_image=images, **{**GEN, "generator": generator(0), **kwargs}).images
+
+
+def _assert_same_images(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape
+    assert np.array_equal((ours * 255).round(), (ref * 255).round())
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", PATCH_AND_GLOBAL)
+def test_final_images_match_diffusers(pipe_for, adapter_file, prompt_images, shape, kind):
+    pipe = pipe_for(shape)
+    path = adapter_file(shape, kind)
+    ip = load(pipe, path)
+    ours = ip.generate(images=[prompt_images[0]], scale=SCALE, generator=generator(0), **GEN)
+    ip.detach()
+    ref = _diffusers_images(pipe, [path], [SCALE], prompt_images[0])
+    _assert_same_images(ours, ref)
+    base = pipe(**GEN, generator=generator(0)).images
+    assert np.abs(ref - base).max() > 1e-3
+
+
+def test_several_adapters_and_images_final_images_match_diffusers(sd15_pipe, adapter_file, prompt_images):
+    files = [adapter_file("sd15", "plus"), adapter_file("sd15", "global")]
+    ip = load(sd15_pipe, files)
+    prompts = [ImagePrompt(images=prompt_images[:2], scale=0.5), ImagePrompt(images=[prompt_images[2]], scale=0.8)]
+    ours = ip.generate(prompts=prompts, generator=generator(0), **GEN)
+    ip.detach()
+    ref = _diffusers_images(sd15_pipe, files, [0.5, 0.8], [prompt_images[:2], prompt_images[2]])
+    _assert_same_images(ours, ref)
+
+
+@pytest.mark.parametrize(("guidance", "num_images"), [(5.0, 2), (1.0, 1), (1.0, 2)])
+def test_batch_layouts_match_diffusers(sd15_pipe, adapter_file, prompt_images, guidance, num_images):
+    """Images per prompt and guidance off change the UNet batch; the image keys/values must follow it."""
+    path = adapter_file("sd15", "plus")
+    kwargs = dict(guidance_scale=guidance, num_images_per_prompt=num_images)
+    ip = load(sd15_pipe, path)
+    ours = ip.generate(images=[prompt_images[1]], scale=SCALE, generator=generator(0),
+                       **{**GEN, "guidance_scale": guidance}, num_images=num_images)
+    ip.detach()
+    ref = _diffusers_images(sd15_pipe, [path], [SCALE], prompt_images[1], **kwargs)
+    assert ours.shape[0] == num_images
+    _assert_same_images(ours, ref)
+
+
+# ----------------------------------------------------------------------------------- base model / scale
+@pytest.mark.parametrize(("shape", "kind"), [("sd15", k) for k in PATCH_AND_GLOBAL + ("faceid", "faceid-plus")]
+                         + [("sdxl", "plus")])
+def test_scale_zero_is_the_base_model_bit_for_bit(pipe_for, adapter_file, prompt_images, shape, kind):
+    pipe = pipe_for(shape)
+    base = pipe(**GEN, generator=generator(0)).images
+    ip = load(pipe, adapter_file(shape, kind))
+    prompt = ImagePrompt(images=[prompt_images[0]], scale=0.0)
+    if kind.startswith("faceid"):
+        prompt.face_embeds = torch.randn(1, 512)  # FaceID LoRA included: scale 0 switches it off too
+    ours = ip.generate(prompts=[prompt], generator=generator(0), **GEN)
+    ip.detach()
+    assert np.array_equal(ours, base)
+    again = pipe(**GEN, generator=generator(0)).images  # and detaching left the base model
+    assert np.array_equal(again, base)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_projection_and_keys_values_computed_once_per_generation(pipe_for, adapter_file, prompt_images, shape):
+    pipe = pipe_for(shape)
+    ip = load(pipe, adapter_file(shape, "plus"))
+    adapter = ip.adapters[0]
+    calls = {"kv": 0, "proj": 0, "unet": 0}
+
+    def count(name):
+        def hook(*args):
+            calls[name] += 1
+        return hook
+
+    hooks = [layer.to_k_ip.register_forward_hook(count("kv")) for layer in adapter.ip_adapter.values() if layer.has_kv]
+    hooks.append(adapter.image_proj.register_forward_hook(count("proj")))
+    hooks.append(pipe.unet.register_forward_hook(count("unet")))
+    try:
+        ip.generate(images=[prompt_images[0]], scale=SCALE, seed=0, **{**GEN, "num_inference_steps": 3})
+    finally:
+        for h in hooks:
+            h.remove()
+        ip.detach()
+    assert calls["unet"] == 3
+    assert calls["kv"] == len(cross_layers(pipe.unet)) == (16 if shape == "sd15" else 70)  # not layers x steps
+    assert calls["proj"] == 1  # conditional and unconditional tokens in one batch, once
+
+
+# ----------------------------------------------------------------------------------------------- FaceID
+def test_faceid_generation_uses_file_embeddings_and_lora_on_both_attentions(tmp_path, sd15_pipe, adapter_file):
+    faces = np.random.RandomState(0).randn(1, 512).astype(np.float32)
+    np.save(tmp_path / "face.npy", faces)
+    ip = load(sd15_pipe, adapter_file("sd15", "faceid"))
+    adapter = ip.adapters[0]
+    lora_calls = {0: 0, 1: 0}
+    hooks = [adapter.ip_adapter[str(i)].to_q_lora.register_forward_hook(
+        lambda *a, i=i: lora_calls.__setitem__(i, lora_calls[i] + 1)) for i in lora_calls]
+    try:
+        ours = ip.generate(prompts=[ImagePrompt(face_embeds=str(tmp_path / "face.npy"), scale=SCALE)],
+                           generator=generator(0), **GEN)
+        same = ip.generate(prompts=[ImagePrompt(face_embeds=torch.from_numpy(faces), scale=SCALE)],
+                           generator=generator(0), **GEN)
+    finally:
+        for h in hooks:
+            h.remove()
+        ip.detach()
+    assert lora_calls[0] > 0 and lora_calls[1] > 0  # attn1 (self) and attn2 (cross) carry LoRA
+    assert np.array_equal(ours, same)
+    assert np.abs(ours - sd15_pipe(**GEN, generator=generator(0)).images).max() > 1e-3
+
+
+def test_faceid_portrait_concatenates_the_faces_tokens(sd15_pipe, adapter_file):
+    ip = load(sd15_pipe, adapter_file("sd15", "faceid-portrait"))
+    try:
+        ip.set_images(prompt=ImagePrompt(face_embeds=torch.randn(3, 512), scale=1.0))
+        k, _ = ip.adapters[0].state.kv[1]
+        assert k.shape[:3] == (2, 3, 16)  # [uncond; cond] x 3 faces x 16 tokens
+    finally:
+        ip.detach()
+
+
+def test_faceid_plus_needs_as_many_face_images_as_embeddings(sd15_pipe, adapter_file, prompt_images):
+    ip = load(sd15_pipe, adapter_file("sd15", "faceid-plus"))
+    try:
+        with pytest.raises(IPAdapterError, match="2 face embedding"):
+            ip.set_images(prompt=ImagePrompt(images=[prompt_images[0]], face_embeds=torch.randn(2, 512)))
+        ip.set_images(prompt=ImagePrompt(images=prompt_images[:2], face_embeds=torch.randn(2, 512)))
+        assert ip.adapters[0].state.kv[1][0].shape[:3] == (2, 2, 4)
+        with pytest.raises(IPAdapterError, match="face-ID embeddings"):
+            ip.set_images(prompt=ImagePrompt(images=[prompt_images[0]]))
+    finally:
+        ip.detach()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad", [float("nan"), -0.5, float("inf")])
+def test_bad_scale_is_refused_and_changes_nothing(sd15_pipe, adapter_file, prompt_images, bad):
+    with pytest.raises(IPAdapterError, match="finite number >= 0"):
+        check_scale(bad)
+    ip = load(sd15_pipe, adapter_file("sd15", "global"))
+    try:
+        with pytest.raises(IPAdapterError, match="scale"):
+            ip.generate(images=[prompt_images[0]], scale=bad, seed=0, **GEN)
+        assert not ip.adapters[0].state.active
+    finally:
+        ip.detach()
+
+
+def test_image_encoder_search(tmp_path):
+    (tmp_path / "model" / "image_encoder").mkdir(parents=True)
+    (tmp_path / "model" / "image_encoder" / "config.json").write_text("{}")
+    (tmp_path / "adapters" / "image_encoder").mkdir(parents=True)
+    (tmp_path / "adapters" / "image_encoder" / "config.json").write_text("{}")
+    adapter = tmp_path / "adapters" / "ip.safetensors"
+    assert find_image_encoder(adapter, tmp_path / "model") == tmp_path / "model" / "image_encoder"
+    assert find_image_encoder(adapter) == tmp_path / "adapters" / "image_encoder"
+    assert find_image_encoder(adapter, explicit=tmp_path / "x") == tmp_path / "x"
+    with pytest.raises(IPAdapterError, match="pass --image-encoder DIR"):
+        find_image_encoder(tmp_path / "elsewhere" / "ip.safetensors")

@@ -1,0 +1,102 @@
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ipadapter import world
+from ipadapter.world_parse import parse
+
+
+def truth(s: world.Sample) -> dict:
+    return {"background": s.background, "colour": s.colour, "shape": s.shape}
+
+
+def test_palette_and_seeds():
+    assert world.PALETTE["red"] == (220, 40, 40) and world.PALETTE["black"] == (25, 25, 25)
+    assert len(world.PALETTE) == 8 and world.SHAPES == ("circle", "square", "triangle")
+    assert world.TRAIN_SEED != world.EVAL_SEED
+
+
+def test_samples_are_valid_and_deterministic():
+    a, b = world.samples(200, 7), world.samples(200, 7)
+    assert a == b
+    assert a != world.samples(200, 8)
+    for s in a:
+        assert s.background != s.colour
+        assert world.MIN_SIZE <= s.size <= world.MAX_SIZE
+        assert 0 <= s.x <= world.IMAGE_SIZE - s.size and 0 <= s.y <= world.IMAGE_SIZE - s.size
+    im = world.draw(a[0])
+    assert im.size == (64, 64) and im.mode == "RGB"
+    assert np.array_equal(np.asarray(im), np.asarray(world.draw(a[0])))
+    assert tuple(np.asarray(im)[0, 0]) in world.PALETTE.values()
+
+
+def test_captions_full_and_partial():
+    s = world.Sample("black", "red", "circle", 20, 3, 4)
+    assert world.caption(s) == "a red circle on a black background"
+    rng = random.Random(0)
+    seen = {world.caption(s, rng, partial=True) for _ in range(400)}
+    assert seen == {
+        "a red circle on a black background", "a red circle", "a circle on a black background",
+        "a red shape on a black background", "a circle", "a red shape", "on a black background", "",
+    }
+    known = set(world.all_captions())
+    assert seen <= known and len(world.all_captions(partial=False)) == 8 * 7 * 3
+    for text in seen:  # every caption reads back to the attributes it names
+        attrs = world.caption_attributes(text)
+        for k, v in attrs.items():
+            assert v is None or v == truth(s)[k]
+        assert set(text.split()) <= set(world.CAPTION_WORDS)
+    assert world.caption_attributes("on a black background") == {"background": "black", "colour": None,
+                                                                  "shape": None}
+
+
+def test_write_dataset_format_and_determinism(tmp_path):
+    p1 = world.write_dataset(tmp_path / "a", 24, seed=3, progress=False)
+    p2 = world.write_dataset(tmp_path / "b", 24, seed=3, progress=False)
+    p3 = world.write_dataset(tmp_path / "c", 24, seed=4, progress=False)
+    data = json.loads(p1.read_text())
+    assert p1.name == "data.json" and isinstance(data, list) and len(data) == 24
+    for rec in data:
+        assert set(rec) == {"image_file", "text"}
+        assert not rec["image_file"].startswith("/")
+        im = Image.open(p1.parent / rec["image_file"])
+        assert im.size == (64, 64)
+    assert p1.read_bytes() == p2.read_bytes()
+    assert all((p1.parent / r["image_file"]).read_bytes() == (p2.parent / r["image_file"]).read_bytes()
+               for r in data)
+    assert p1.read_bytes() != p3.read_bytes()
+    # the stored truth matches what the parser reads from the files
+    truths = json.loads((p1.parent / "samples.json").read_text())
+    for t in truths:
+        assert parse(Image.open(p1.parent / t["image_file"])) == {k: t[k] for k in ("background", "colour",
+                                                                                     "shape")}
+
+
+def test_parser_exact_on_clean_images():
+    smp = world.samples(500, world.EVAL_SEED)
+    wrong = [s for s in smp if parse(world.draw(s)) != truth(s)]
+    assert not wrong, wrong[:5]
+
+
+def test_parser_robust_to_blur_and_noise():
+    smp = world.samples(500, world.EVAL_SEED + 1)
+    rng = np.random.default_rng(0)
+    right = 0
+    for s in smp:
+        im = world.draw(s).filter(ImageFilter.GaussianBlur(1.0))
+        a = np.asarray(im, dtype=np.float32) + rng.normal(0, 10, (64, 64, 3))
+        right += parse(np.clip(a, 0, 255).astype(np.uint8)) == truth(s)
+    assert right / len(smp) >= 0.95
+
+
+def test_parser_inputs_and_empty_image():
+    s = world.Sample("white", "blue", "triangle", 30, 10, 20)
+    a = np.asarray(world.draw(s)).astype(np.float32) / 255.0  # float in [0, 1]
+    assert parse(a) == truth(s)
+    blank = Image.new("RGB", (64, 64), world.PALETTE["green"])
+    assert parse(blank) == {"background": "green", "colour": None, "shape": None}
+    with pytest.raises(ValueError):
+        parse(np.zeros((64, 64)))

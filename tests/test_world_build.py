@@ -1,0 +1,84 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ipadapter import world, world_build
+from ipadapter.world_parse import parse
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world_base")
+    summary = world_build.build(out, device="cpu", quick=True, seed=0, progress=False)
+    return out, summary
+
+
+def test_word_bpe_tokenizer(tmp_path):
+    from transformers import CLIPTokenizer
+
+    world_build.make_tokenizer(tmp_path / "src")
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path / "src"), model_max_length=16)
+    world_build.check_tokenizer(tok)
+    for text in world.all_captions():
+        ids = tok(text).input_ids
+        assert len(ids) == len(text.split()) + 2 and tok.unk_token_id not in ids[1:-1]
+
+
+def test_multi_positive_matches():
+    img = torch.tensor([[0, 1, 2], [3, 1, 0]])
+    cap = torch.tensor([[0, 1, 2], [-1, 1, -1]])  # full caption of image 0; "a green shape"
+    m = world_build.matches(img, cap)
+    assert m.tolist() == [[True, True], [False, True]]
+    e = torch.randn(2, 8)
+    loss = world_build.multi_positive_clip_loss(e, e, m, torch.tensor(2.0))
+    assert torch.isfinite(loss)
+
+
+def test_config_overrides():
+    cfg = world_build.make_config(quick=True, unet_steps=3)
+    assert cfg.unet_steps == 3 and cfg.pool_train == world_build.QUICK["pool_train"]
+    with pytest.raises(TypeError):
+        world_build.make_config(no_such_parameter=1)
+
+
+def test_quick_build_loads_and_generates(built):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    out, summary = built
+    index = json.loads((out / "model_index.json").read_text())
+    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder", "feature_extractor"):
+        assert comp in index and (out / comp).is_dir()
+    assert summary["sizes_mb"]["total"] < 32.0
+    assert summary["unet"]["cross_attention_layers"] >= 5
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a black background", num_inference_steps=3, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+    enc = CLIPVisionModelWithProjection.from_pretrained(str(out / "image_encoder"))
+    proc = CLIPImageProcessor.from_pretrained(str(out / "feature_extractor"))
+    im = world.draw(world.samples(1, 5)[0])
+    pix = proc(images=im, return_tensors="pt").pixel_values
+    assert pix.shape == (1, 3, enc.config.image_size, enc.config.image_size)
+    ours = world_build.to_clip(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])
+    assert torch.allclose(pix, ours, atol=1e-4)  # training saw exactly what the processor gives
+    assert enc(pixel_values=pix).image_embeds.shape == (1, enc.config.projection_dim)
+
+
+def test_evaluate_base_reports_fractions(built):
+    out, _ = built
+    res = world_build.evaluate_base(out, n=2, steps=2, progress=False)
+    assert res["n"] == 2 and 0.0 <= res["colour_right"] <= 1.0 and 0.0 <= res["shape_right"] <= 1.0
+
+
+def test_parse_reads_a_decoded_latent_round_trip_shape():
+    # the parser accepts what the pipeline returns (PIL) and numpy float output alike
+    s = world.samples(1, 9)[0]
+    im = world.draw(s)
+    assert parse(im) == parse(np.asarray(im, dtype=np.float32) / 255.0)
