@@ -5,8 +5,10 @@ every step (the original recipe), at the same batch size and on the same draws; 
     python benchmarks/bench_train.py --quick            # a smoke run
     python benchmarks/bench_train.py --device cuda --full-size   # SD 1.5 / ViT-H sizes, random weights, 512 px
 
-Every configuration runs in its own process (so peak memory is its own); steps/s is the median over timing
-windows of ``--window`` steps after the first. "Realistic relative size": per sample, SD 1.5 at 512 px costs
+Every configuration runs in its own process (so peak memory is its own); the rate is the median over timing
+windows of ``--window`` steps after the first, in steps per second of the process's CPU time on the CPU (other
+programs sharing the cores then do not skew the comparison; torch runs one thread, OMP_NUM_THREADS=1) and per
+second of wall time on a GPU. "Realistic relative size": per sample, SD 1.5 at 512 px costs
 803 GFLOP for a UNet forward (a frozen-UNet training step is about twice that), 1117 for the VAE encoder, 335
 for ViT-H/14 and 13 for the text encoder (torch FlopCounterMode on the real configs), so encoding costs about
 0.9 of a training step. The tiny model keeps those proportions in measured time: the script prints the
@@ -65,14 +67,14 @@ def build_model(folder: Path, full_size: bool) -> None:
                                     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=8,
                                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        vae = AutoencoderKL(block_out_channels=(24, 48, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=8,
+        vae = AutoencoderKL(block_out_channels=(20, 48, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=4,
                             sample_size=64)
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
                                             num_attention_heads=2, intermediate_size=128, max_position_embeddings=32,
                                             bos_token_id=0, eos_token_id=1, pad_token_id=1))
         # 224 px, 14 px patches: ViT-H's 257 tokens, narrow and shallow to keep ViT-H's share of the cost
-        vision = CLIPVisionConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=256,
+        vision = CLIPVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=384,
                                   patch_size=14, image_size=224, projection_dim=64)
     size = vision.image_size
     pipe = StableDiffusionPipeline(
@@ -123,20 +125,31 @@ def _config(a, output: Path, cache: str | None, steps: int):
                        mixed_precision=a.precision, device=a.device, num_workers=a.workers, seed=0)
 
 
-def worker_trainer(a, cached: bool) -> dict:
-    """The trainer, cached or not; rates and losses come from its own log (one line per window)."""
-    from ipadapter.train import train
+def _clock(device: str) -> float:
+    """Process CPU time on the CPU (robust to other programs sharing the cores), wall time with a GPU."""
+    return time.perf_counter() if device.startswith("cuda") else time.process_time()
 
+
+def worker_trainer(a, cached: bool) -> dict:
+    """The trainer, cached or not, timed between the check points where it logs each window's loss."""
+    from ipadapter import train as T
+
+    marks: list[tuple[float, int, float]] = []  # (clock, step, window loss)
+    log = T.Log.__call__
+
+    def spy(self, message: str, quiet: bool = False) -> None:
+        if message.startswith("step ") and ": loss " in message:
+            step, rest = message[5:].split(": loss ")
+            marks.append((_clock(a.device), int(step), float(rest.split(",")[0])))
+        log(self, message, quiet)
+
+    T.Log.__call__ = spy
     out = a.workdir / ("run-cached" if cached else "run-uncached")
-    cache = str(a.workdir / "cache") if cached else None
     start = time.perf_counter()
-    train(_config(a, out, cache, a.steps))
-    rates, losses = [], []
-    for line in (out / "train.log").read_text().splitlines():
-        if " steps/s" in line and ": loss " in line:
-            losses.append(float(line.split(": loss ")[1].split(",")[0]))
-            rates.append(float(line.split(", ")[-1].split()[0]))
-    return {"rates": rates, "losses": losses, "total_s": time.perf_counter() - start, **_peak(a.device)}
+    T.train(_config(a, out, str(a.workdir / "cache") if cached else None, a.steps))
+    rates = [(s1 - s0) / (c1 - c0) for (c0, s0, _), (c1, s1, _) in zip(marks, marks[1:])]
+    return {"rates": [float("nan")] + rates, "losses": [m[2] for m in marks], "total_s": time.perf_counter() - start,
+            **_peak(a.device)}
 
 
 def worker_cache(a) -> dict:
@@ -204,7 +217,7 @@ def worker_naive(a) -> dict:
 
     losses, times = [], []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
+    start, wall = _clock(a.device), time.perf_counter()
     for k in range(a.steps):
         _, items = order.batch(k)
         images = [Image.open(root / records[i]["image_file"]).convert("RGB") for i in items]
@@ -225,13 +238,13 @@ def worker_naive(a) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))  # the original loop logs (and syncs) every step
         sync()
-        times.append(time.perf_counter())
+        times.append(_clock(a.device))
     rates, window_losses = [], []
     edges = [start] + times
     for w in range(0, a.steps - a.window + 1, a.window):
         rates.append(a.window / (edges[w + a.window] - edges[w]))
         window_losses.append(sum(losses[w:w + a.window]) / a.window)
-    return {"rates": rates, "losses": window_losses, "total_s": time.perf_counter() - start, **_peak(a.device)}
+    return {"rates": rates, "losses": window_losses, "total_s": time.perf_counter() - wall, **_peak(a.device)}
 
 
 def worker_bare(a) -> dict:
@@ -260,7 +273,7 @@ def worker_bare(a) -> dict:
     emb = torch.randn(a.batch, embed, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    start = time.perf_counter()
+    start, wall = _clock(a.device), time.perf_counter()
     for _ in range(a.steps):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             adapter.state.set_tokens(adapter.project(_features(emb)))
@@ -270,10 +283,10 @@ def worker_bare(a) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        times.append(time.perf_counter())
+        times.append(_clock(a.device))
     edges = [start] + times
     rates = [a.window / (edges[w + a.window] - edges[w]) for w in range(0, a.steps - a.window + 1, a.window)]
-    return {"rates": rates, "losses": [], "total_s": time.perf_counter() - start, **_peak(a.device)}
+    return {"rates": rates, "losses": [], "total_s": time.perf_counter() - wall, **_peak(a.device)}
 
 
 def _features(emb):
@@ -308,11 +321,11 @@ def worker_ratios(a) -> dict:
     def timed(fn, grad=False):
         out = []
         for _ in range(6):
-            start = time.perf_counter()
+            start = _clock(a.device)
             with torch.set_grad_enabled(grad):
                 fn()
             sync()
-            out.append(time.perf_counter() - start)
+            out.append(_clock(a.device) - start)
         return statistics.median(out[1:])
 
     step = timed(lambda: unet(x, t, cond).sample.float().mean().backward(), grad=True)
@@ -385,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     naive = statistics.median(rows[2][1]["rates"][1:] or rows[2][1]["rates"])
     gpu = a.device.startswith("cuda")
     gpu_head = " peak GPU MB |" if gpu else ""
-    print(f"\n| configuration | steps/s | ms/step | vs encode-every-step | peak RSS MB |{gpu_head} "
+    unit = "steps/s" if gpu else "steps per CPU-second"
+    print(f"\n| configuration | {unit} | ms/step | vs encode-every-step | peak RSS MB |{gpu_head} "
           "first / last window loss |")
     print(f"| --- | --- | --- | --- | --- |{' --- |' if gpu else ''} --- |")
     for name, r in rows:

@@ -279,6 +279,11 @@ def _bad_files(tmp_path, adapter):
     norm = dict(official)
     norm["image_proj.norm.weight"] = torch.zeros(31)
     save_file(norm, str(tmp_path / "norm_shape.safetensors"))
+    lonely = dict(official)
+    for name in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"):
+        lonely[f"ip_adapter.90.{name}.down.weight"] = torch.zeros(4, 32)
+        lonely[f"ip_adapter.90.{name}.up.weight"] = torch.zeros(32, 4)
+    save_file(lonely, str(tmp_path / "lonely_lora.safetensors"))
 
 
 BAD = {
@@ -296,6 +301,7 @@ BAD = {
     "mixed.safetensors": "disagree on the token width",
     "list.bin": "expected a dict of tensors",
     "kv_rows.safetensors": "'ip_adapter.1.to_",
+    "lonely_lora.safetensors": "LoRA on attention layer 90, next to no layer with image weights",
     "norm_shape.safetensors": "'image_proj.norm.weight' has shape [31], a global adapter with these widths needs [32]",
 }
 

@@ -66,7 +66,7 @@ def test_quick_build_loads_and_generates(built):
     im = world.draw(world.samples(1, 5)[0])
     pix = proc(images=im, return_tensors="pt").pixel_values
     assert pix.shape == (1, 3, enc.config.image_size, enc.config.image_size)
-    ours = world_build.to_clip(torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None])
+    ours = world_build.to_clip(torch.from_numpy(np.array(im)).permute(2, 0, 1)[None])
     assert torch.allclose(pix, ours, atol=1e-4)  # training saw exactly what the processor gives
     assert enc(pixel_values=pix).image_embeds.shape == (1, enc.config.projection_dim)
 

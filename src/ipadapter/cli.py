@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import add_train_parser  # `ipadapter train`: train.py owns its flags
 
     add_train_parser(sub)
+    from .world_family import add_world_parser  # `ipadapter world build|data`
+
+    add_world_parser(sub)
     return parser
 
 
@@ -275,9 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate import cmd_eval
         from .train import cmd_train
         from .ui import cmd_ui
+        from .world_family import cmd_world
 
         handler = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
-                   "eval": cmd_eval, "ui": cmd_ui, "embed": cmd_embed, "train": cmd_train}[args.command]
+                   "eval": cmd_eval, "ui": cmd_ui, "embed": cmd_embed, "train": cmd_train,
+                   "world": cmd_world}[args.command]
         # inspect/convert never load diffusers/transformers: do not pay for importing their logging
         with _quiet_libraries() if args.command not in ("inspect", "convert") else contextlib.nullcontext():
             return handler(args) or 0

@@ -280,8 +280,7 @@ class Generator:
             own = Form(**{**asdict(form), "seed": form.seed + k, "num_images": 1, "random_seed": False})
             text = parameters_text(own, image.size, sampler)
             path = self._save(image, text, own.seed)
-            caption = f"seed {own.seed} · scale {own.scale:g} · {own.steps} steps"
-            entries.append({"path": str(path), "caption": caption, "text": text, "form": asdict(own)})
+            entries.append({"path": str(path), "caption": f"seed {own.seed}", "text": text, "form": asdict(own)})
         return entries, notes
 
     def _save(self, image, text: str, seed: int) -> Path:
