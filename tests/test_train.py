@@ -8,12 +8,14 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from ipadapter import cli
 from ipadapter.adapter import Adapter, attach, unet_layers
+from ipadapter.cache import FeatureCache
 from ipadapter.checkpoint import read_checkpoint
 from ipadapter.errors import IPAdapterError
 from ipadapter.testing import tiny_image_encoder, tiny_unet
@@ -131,6 +133,14 @@ def test_cached_run_matches_uncached_and_writes_the_official_file(dataset, tmp_p
     (sub,) = [p for p in cache_dir.iterdir() if p.is_dir()]
     shards = sorted(sub.glob("shard-*.safetensors"))
     assert len(shards) == 3 and (sub / "meta.json").is_file()
+    meta = json.loads((sub / "meta.json").read_text())
+    store = FeatureCache(cache_dir, {k: v for k, v in meta.items() if k not in ("version", "num_items", "shard_size")},
+                         meta["num_items"], meta["shard_size"])
+    assert store.dir == sub
+    items = np.array([11, 0, 6, 4])  # across all three shards
+    memory = store.open("cpu", in_memory=True).gather(0, items)
+    mapped = store.open("cpu", in_memory=False).gather(0, items)
+    assert memory.keys() == mapped.keys() and all(torch.equal(memory[k], mapped[k]) for k in memory)
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     shards[1].unlink()
     again = train(config(dataset, tmp_path / "again", max_steps=3, cache=str(cache_dir), cache_shard_size=5))

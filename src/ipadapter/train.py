@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -190,6 +191,7 @@ class Models:
     text_encoders: list = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
     image_encoder: ImageEncoder | None = None
+    pipeline: object | None = None  # for validation, built the first time it runs
 
 
 def _read_json(path: Path) -> dict:
@@ -257,6 +259,18 @@ def image_encoder_dir(cfg: TrainConfig) -> Path:
         raise IPAdapterError(f"{path}: no image encoder there (no config.json); pass --image-encoder DIR "
                              "(a CLIPVisionModelWithProjection folder)")
     return path
+
+
+def clip_processor(cfg: TrainConfig, m: Models):
+    """The image encoder's preprocessing (shortest side, centre crop, CLIP mean/std); None for FaceID."""
+    if cfg.kind == "faceid":
+        return None
+    from transformers import CLIPImageProcessor
+
+    enc_dir = image_encoder_dir(cfg)
+    src = next((d for d in (enc_dir, m.path / "feature_extractor") if (d / "preprocessor_config.json").is_file()),
+               None)
+    return CLIPImageProcessor.from_pretrained(str(src)) if src else _default_processor(enc_dir)
 
 
 def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
@@ -417,12 +431,24 @@ def feature_cache(cfg: TrainConfig, m: Models, records: list, buckets: list, num
         enc = image_encoder_dir(cfg)
         weights += [ident(f) for f in sorted(enc.glob("*")) if f.is_file()]
         weights += [ident(f) for f in sorted((m.path / "feature_extractor").glob("*")) if f.is_file()]
-    data = Path(cfg.data)
-    info = {"model": str(m.path.resolve()), "weights": weights, "data": ident(data) if data.exists() else cfg.data,
+    data = [ident(Path(p)) for p in sorted(glob.glob(cfg.data))] if any(c in cfg.data for c in "*?[") else \
+        ident(Path(cfg.data))
+    info = {"model": str(m.path.resolve()), "weights": weights, "data": data,
             "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
-            "records": [r.name for r in records[:3]], "feature": FEATURE[cfg.kind], "buckets": buckets,
+            "records": _digest(f"{r.name}\t{r.text}\t{r.face if isinstance(r.face, D.Blob) else bool(r.face)}"
+                               for r in records),
+            "feature": FEATURE[cfg.kind], "buckets": buckets,
             "flip": cfg.random_flip, "dtype": cfg.cache_dtype, "frozen_dtype": str(m.dtype)}
     return FeatureCache(root, info, num_items, cfg.cache_shard_size)
+
+
+def _digest(lines) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "replace") + b"\n")
+    return h.hexdigest()[:16]
 
 
 def estimate_cache_bytes(cfg: TrainConfig, m: Models, buckets: list) -> float:
@@ -670,17 +696,11 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
     use_buckets = m.sdxl if cfg.buckets is None else cfg.buckets
     buckets = D.make_buckets(cfg.resolution, m.vae_factor) if use_buckets else [(cfg.resolution, cfg.resolution)]
     transform = D.Transform(buckets, [], None, cfg.kind == "faceid", cfg.random_crop, cfg.random_flip, cfg.seed)
-    if cfg.kind != "faceid":
-        from transformers import CLIPImageProcessor
-
-        fe = m.path / "feature_extractor"
-        enc_dir = image_encoder_dir(cfg)
-        src = next((d for d in (enc_dir, fe) if (d / "preprocessor_config.json").is_file()), None)
-        transform.clip_processor = CLIPImageProcessor.from_pretrained(str(src)) if src else _default_processor(enc_dir)
     global_batch = cfg.batch_size * world
     cache = feature_cache(cfg, m, records, buckets, len(records))
     if cache is not None:
         if not cache.complete:
+            transform.clip_processor = clip_processor(cfg, m)
             build_cache(cache, cfg, m, adapter, records, transform, accelerator, log)
         in_memory = cache.nbytes() < _memory_budget()
         on_device = in_memory and (device.type == "cpu" or cache.nbytes() < 0.1 * _device_memory(device))
@@ -698,7 +718,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
         m.text_encoders, m.image_encoder = [], None  # training from the cache needs only the UNet
     else:
         load_encoders(m, cfg, cfg.kind != "faceid")
-        transform.tokenizers = m.tokenizers
+        transform.tokenizers, transform.clip_processor = m.tokenizers, clip_processor(cfg, m)
         uncond = uncond_features(m, adapter)
         bucket_of = D.scan_buckets(records, buckets, bad) if len(buckets) > 1 else np.zeros(len(records), np.int64)
     bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
@@ -732,7 +752,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
     if cfg.resume and (found := checkpoints(out)):
         step, path = found[-1]
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        _check_resume(state, cfg, adapter, global_batch, log)
+        _check_resume(state, cfg, global_batch, log)
         if sharded_state:
             accelerator.load_state(str(path / "accelerate"))
         else:
@@ -744,7 +764,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
                 e.copy_(saved)
         rng_file = path / f"rng-{rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=True))
         log(f"resumed from {path} (step {step})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
@@ -886,11 +906,11 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/steps_per_s", rate, step)
                 log(f"step {step}: loss {mean_loss:.5f}, lr {lr:.2e}, {rate:.2f} steps/s", quiet=True)
-                if flags[1] > cfg.max_bad_fraction * total:
-                    bad.check(total if world == 1 else int(flags[1] // cfg.max_bad_fraction), cfg.max_bad_fraction,
-                              f"--data {cfg.data}")
-                    raise IPAdapterError(f"--data {cfg.data}: {int(flags[1])} of {total} items are unusable (over "
-                                         f"{cfg.max_bad_fraction:.0%}); fix the data and run again")
+                if flags[1] > cfg.max_bad_fraction * total:  # every rank sees the same sum: all stop together
+                    raise IPAdapterError(
+                        f"--data {cfg.data}: {int(flags[1])} of {total} items are unusable (over the "
+                        f"{cfg.max_bad_fraction:.0%} limit) - {bad.summary(total).splitlines()[0]} on this process; "
+                        "fix the data or the paths (--data-root) and run again")
                 window, last_check, last_time = [], step, now
                 if due_val and main:
                     validate(cfg, m, model_, ema, params, step, writer, log, accelerator)
@@ -925,7 +945,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
     return final
 
 
-def _check_resume(state: dict, cfg: TrainConfig, adapter: Adapter, global_batch: int, log) -> None:
+def _check_resume(state: dict, cfg: TrainConfig, global_batch: int, log) -> None:
     saved = state.get("config", {})
     for name in ("kind", "num_tokens", "resolution"):
         if saved.get(name) != getattr(cfg, name):
@@ -992,7 +1012,7 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
     if m.image_encoder is None:  # trained from the cache: load the encoders the first time they are needed
         m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg))
         frozen(m.image_encoder.model, m.device, m.dtype)
-    if not hasattr(m, "_pipe"):
+    if m.pipeline is None:
         from diffusers import AutoencoderKL
 
         p = str(m.path)
@@ -1009,8 +1029,8 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
             pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        object.__setattr__(m, "_pipe", pipe.to(m.device))
-    pipe = m._pipe
+        m.pipeline = pipe.to(m.device)
+    pipe = m.pipeline
     saved = None
     if ema is not None:  # validate what would be written: the EMA weights
         saved = [p.detach().clone() for p in params]
