@@ -31,11 +31,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _scale(text: str) -> float:
+def _float(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _scale(text: str) -> float:
+    value = _float(text)
     if math.isnan(value) or math.isinf(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0 (1.0 = image only, ~0.5 with text)")
     return value
@@ -71,20 +75,14 @@ def _quiet_libraries():
 
 
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value}: must be a fraction between 0 and 1")
     return value
 
 
 def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _float(text)
     if math.isnan(value) or math.isinf(value):
         raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
     return value
