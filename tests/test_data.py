@@ -195,3 +195,29 @@ def test_dataset_swaps_a_bad_item_for_the_next_good_one(tmp_path):
     cached = ds[(0, -1, -1)]  # caching: both mirror images
     assert cached["pixels"].shape == (2, 3, 16, 16) and torch.equal(cached["pixels"][1], cached["pixels"][0].flip(-1))
     assert ds[(1, -1, -1)]["bad"][0] == "unreadable image"
+
+
+def test_a_separate_prompt_image_feeds_the_encoder_and_the_target_the_loss(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    for i in range(3):
+        _png(tmp_path / f"{i}.png", size=(16, 16), seed=i)
+    entries = [{"image_file": "0.png", "text": "a", "prompt_image_file": "1.png"},
+               {"image_file": "1.png", "text": "b"},
+               {"image_file": "2.png", "text": "c", "prompt_image_file": "gone.png"},
+               {"image_file": "2.png", "text": "d", "prompt_image_file": 7}]
+    (tmp_path / "d.json").write_text(json.dumps(entries))
+    bad = D.BadItems()
+    records = D.read_records(tmp_path / "d.json", None, bad)
+    assert [r.text for r in records] == ["a", "b"]
+    assert records[0].prompt.path == str(tmp_path / "1.png") and records[1].prompt is None
+    assert bad.skipped == {"missing file": 1, "malformed entry": 1} and "gone.png" in bad.summary(4)
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    t = D.Transform([(16, 16)], [_tokenizer(tmp_path)], processor)
+    ds = D.ImageTextDataset(records, t)
+    first, second = ds[(0, -1, -1)], ds[(1, -1, -1)]
+    # item 0 denoises 0.png but its encoder input is 1.png's, exactly what item 1 (1.png, no prompt) gets
+    assert torch.equal(first["clip"], second["clip"])
+    own = D.ImageTextDataset([D.Record(records[0].image, "a")], t)[(0, -1, -1)]
+    assert torch.equal(own["pixels"], first["pixels"]) and not torch.equal(own["clip"], first["clip"])

@@ -273,3 +273,22 @@ def test_cli_train_and_its_errors(dataset, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "not a diffusers model folder" in err
     rc = cli.main(["train", "--data", str(dataset), "--output", str(out)])
     assert rc == 2 and "--model is required" in capsys.readouterr().err
+
+
+def test_prompt_images_reach_the_encoder_in_cached_and_uncached_runs(dataset, tmp_path):
+    items = json.loads(dataset.read_text())
+    folder = dataset.parent
+    same = [{**it, "prompt_image_file": it["image_file"]} for it in items]  # each image its own prompt
+    other = [{**it, "prompt_image_file": items[(i + 1) % len(items)]["image_file"]} for i, it in enumerate(items)]
+    for name, entries in (("same", same), ("other", other)):
+        (folder / f"{name}.json").write_text(json.dumps(entries))
+    plain = weights(train(config(dataset, tmp_path / "plain", max_steps=2)))
+    own = weights(train(config(folder / "same.json", tmp_path / "same", max_steps=2)))
+    assert max_diff(plain, own) == 0  # naming the image itself as the prompt is the paper's recipe
+    shifted = train(config(folder / "other.json", tmp_path / "other", max_steps=2))
+    assert max_diff(plain, weights(shifted)) > 1e-6  # other prompt images: other image features, other weights
+    cached = train(config(folder / "other.json", tmp_path / "cached", max_steps=2, cache=str(tmp_path / "c")))
+    assert max_diff(weights(shifted), weights(cached)) < 1e-5
+    plain_cached = train(config(dataset, tmp_path / "plain-cached", max_steps=2, cache=str(tmp_path / "c")))
+    assert max_diff(plain, weights(plain_cached)) < 1e-5  # a second fingerprint, not the prompt-image features
+    assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 2

@@ -9,6 +9,9 @@ Sources: the official JSON list (``[{"image_file": ..., "text": ...}]`` with a d
 images with same-name ``.txt`` captions, and webdataset ``.tar`` shards (``key.jpg`` + ``key.txt``/``key.json``).
 FaceID data gives a 512-d face-ID embedding per item (``"face_id"``: a ``.npy``/``.safetensors``/``.pt`` path or
 a list of numbers; ``key.npy`` beside the image in folders and shards).
+JSON/JSONL items may also name a separate prompt image (``"prompt_image_file"``): the image encoder then sees
+it while the diffusion loss is on ``image_file`` (reference -> target pairs, as face adapters train on a face
+crop of the picture they denoise). Without it the encoder sees the training image itself (the paper's recipe).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Record:
     text: str
     face: Blob | list | None = None
     key: str = ""  # a name for messages
+    prompt: Blob | None = None  # the image encoder's input when it is not ``image`` itself
 
     @property
     def name(self) -> str:
@@ -186,7 +190,16 @@ def _entry_record(entry: object, root: Path, where: str, bad: BadItems) -> Recor
     face = entry.get("face_id", entry.get("id_embed_file"))
     if isinstance(face, str):
         face = Blob(str(root / face))
-    return Record(image, caption.strip(), face)
+    prompt = entry.get("prompt_image_file", entry.get("prompt_image"))
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            bad.add("malformed entry", where, detail="prompt_image_file is not a file name")
+            return None
+        prompt = Blob(str(root / prompt))
+        if not prompt.exists():
+            bad.add("missing file", prompt.path)
+            return None
+    return Record(image, caption.strip(), face, prompt=prompt)
 
 
 def _list_records(path: Path, root: Path, bad: BadItems) -> list[Record]:
@@ -486,7 +499,8 @@ class ImageTextDataset(torch.utils.data.Dataset):
         out["ids"] = [tok(rec.text, padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="pt").input_ids[0] for tok in t.tokenizers]
         if t.clip_processor is not None:  # the encoder sees the whole picture, as in the original recipe
-            out["clip"] = t.clip_processor(images=[img], return_tensors="pt").pixel_values[0]
+            prompt = img if rec.prompt is None else decode_image(rec.prompt)[0]
+            out["clip"] = t.clip_processor(images=[prompt], return_tensors="pt").pixel_values[0]
         if t.face:
             out["face"] = load_face(rec.face)
         return out

@@ -436,7 +436,7 @@ def feature_cache(cfg: TrainConfig, m: Models, records: list, buckets: list, num
     info = {"model": str(m.path.resolve()), "weights": weights, "data": data,
             "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
             "records": _digest(f"{r.name}\t{r.text}\t{r.face if isinstance(r.face, D.Blob) else bool(r.face)}"
-                               for r in records),
+                               + (f"\t{r.prompt.name}" if r.prompt is not None else "") for r in records),
             "feature": FEATURE[cfg.kind], "buckets": buckets,
             "flip": cfg.random_flip, "dtype": cfg.cache_dtype, "frozen_dtype": str(m.dtype)}
     return FeatureCache(root, info, num_items, cfg.cache_shard_size)
