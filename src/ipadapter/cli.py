@@ -373,6 +373,10 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
             groups[0]["adapter"] = default_adapter
     if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
+    from .pipeline import adapter_in_model
+
+    for g in groups:
+        g["adapter"] = adapter_in_model(g["adapter"], model)
     several = len(groups) > 1
     for k, g in enumerate(groups, 1):
         name = f"--adapter {k} ({os.path.basename(str(g['adapter']))}): " if several else ""

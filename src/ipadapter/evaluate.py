@@ -547,7 +547,7 @@ def add_eval_parser(sub) -> None:
 def cmd_eval(args) -> int:
     from accelerate import PartialState
 
-    from .pipeline import load, load_pipeline
+    from .pipeline import adapter_in_model, load, load_pipeline
 
     if not math.isfinite(args.guidance):
         raise IPAdapterError(f"--guidance {args.guidance}: must be a finite number")
@@ -563,6 +563,7 @@ def cmd_eval(args) -> int:
         adapter = adapter or default_adapter
     if adapter is None and not args.text_only:
         raise IPAdapterError("--adapter FILE is required with --model (or --text-only for the baseline)")
+    adapter = adapter_in_model(adapter, model)
     if adapter is not None and not args.text_only and not Path(adapter).is_file():
         raise IPAdapterError(f"--adapter {adapter}: no such file")
     model_dir = model if Path(str(model)).is_dir() else None

@@ -609,3 +609,12 @@ def embedded_model() -> tuple[Path, Path]:
             f"the embedded world model is not in this install ({EMBEDDED_MODEL}); pass --model DIR and --adapter FILE"
         )
     return EMBEDDED_MODEL, adapter
+
+
+def adapter_in_model(adapter, model):
+    """``adapter`` as given, or ``MODEL/adapter`` when only that exists (adapter files shipped beside a model,
+    as diffusers' ``weight_name``: ``--adapter ip-adapter_plus.safetensors`` on the embedded world model)."""
+    if adapter is None or Path(str(adapter)).exists() or model is None:
+        return adapter
+    inside = Path(str(model)) / str(adapter)
+    return inside if inside.is_file() else adapter
