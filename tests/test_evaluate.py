@@ -383,6 +383,11 @@ def test_world_report_quick_run_writes_every_output(model_files, clip_dir, tmp_p
     assert [p["scale"] for p in data["sweep"]["global"]] == report.QUICK["scales"] and "simple" not in data["sweep"]
     assert data["scale_zero"]["bit_exact"] == data["scale_zero"]["images"] == report.QUICK["exact_prompts"]
     assert data["targets"]["checks"]["scale 0 == text-only, bit for bit"] is True
+    scans = data["image_text_scales"]
+    assert set(scans) == {"global"} and [p["scale"] for p in scans["global"]] == report.QUICK["multi_scales"]
+    assert all(0 <= p["all"] <= 1 for p in scans["global"]) and "| global, " in data["markdown"]
+    assert {k for k in data["targets"]["checks"] if k.startswith("image + text")} == {
+        f"image + text at 0.5: all three as wanted >= 80% ({n})" for n in ("global", "simple")}
     assert (out / "world_results.md").read_text().strip() == data["markdown"] and data["markdown"] in printed
     for name in ("clip_scale_sweep.png", "world_grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

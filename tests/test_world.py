@@ -100,3 +100,18 @@ def test_parser_inputs_and_empty_image():
     assert parse(blank) == {"background": "green", "colour": None, "shape": None}
     with pytest.raises(ValueError):
         parse(np.zeros((64, 64)))
+
+
+def test_caption_keep_probability():
+    s = world.Sample("black", "red", "circle", 20, 3, 4)
+    for keep, lo, hi in ((0.0, 0.0, 0.0), (0.25, 0.2, 0.3), (0.75, 0.7, 0.8), (1.0, 1.0, 1.0)):
+        rng = random.Random(1)
+        texts = [world.caption(s, rng, partial=True, keep=keep) for _ in range(2000)]
+        named = sum(v is not None for t in texts for v in world.caption_attributes(t).values()) / (3 * len(texts))
+        assert lo <= named <= hi, (keep, named)
+    # the stream advances the same whatever keep is: the next draw after one caption matches
+    a, b = random.Random(5), random.Random(5)
+    world.caption(s, a, partial=True, keep=0.1), world.caption(s, b, partial=True, keep=0.9)
+    assert a.random() == b.random()
+    with pytest.raises(ValueError):
+        world.caption(s, random.Random(0), partial=True, keep=1.5)

@@ -82,3 +82,38 @@ def test_parse_reads_a_decoded_latent_round_trip_shape():
     s = world.samples(1, 9)[0]
     im = world.draw(s)
     assert parse(im) == parse(np.asarray(im, dtype=np.float32) / 255.0)
+
+
+@pytest.mark.slow
+def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(tmp_path, capsys):
+    """`ipadapter world build --quick`: base + all adapters through the trainer; `--adapters` retrains one."""
+    from ipadapter import cli
+    from ipadapter.checkpoint import read_checkpoint
+    from ipadapter.world_family import ADAPTERS
+
+    out = tmp_path / "family"
+    assert cli.main(["world", "build", "--out", str(out), "--quick"]) == 0
+    family = json.loads((out / "world_family.json").read_text())
+    assert set(family["adapters"]) == set(ADAPTERS)
+    for name, (kind, extra, variant) in ADAPTERS.items():
+        cfg, _ = read_checkpoint(out / name)
+        assert cfg.kind == kind and family["adapters"][name]["data"] == variant
+        assert cfg.attention == extra.get("attention", "decoupled")
+    before = {n: (out / n).read_bytes() for n in ADAPTERS}
+    assert cli.main(["world", "build", "--out", str(out), "--quick", "--skip-base", "--adapter-steps", "2",
+                     "--adapters", "ip-adapter_pairs.safetensors"]) == 0
+    again = json.loads((out / "world_family.json").read_text())["adapters"]
+    assert again["ip-adapter_pairs.safetensors"]["steps"] == 2 and again["ip-adapter_global.safetensors"]["steps"] == 4
+    assert (out / "ip-adapter_pairs.safetensors").read_bytes() != before["ip-adapter_pairs.safetensors"]
+    assert all((out / n).read_bytes() == before[n] for n in ADAPTERS if n != "ip-adapter_pairs.safetensors")
+    capsys.readouterr()
+    # an adapter named without a folder is looked up in --model, as diffusers' weight_name
+    image = tmp_path / "prompt.png"
+    world.draw(world.samples(1, 3)[0]).save(image)
+    png = tmp_path / "out.png"
+    assert cli.main(["generate", "--model", str(out), "--adapter", "ip-adapter_pairs.safetensors", "--image",
+                     str(image), "--steps", "2", "-o", str(png)]) == 0
+    assert png.is_file()
+    with pytest.raises(SystemExit) as e:  # a bad flag: argparse's one line, exit 2
+        cli.main(["world", "build", "--out", str(out), "--adapters", "ip-adapter_nope.safetensors"])
+    assert e.value.code == 2 and "ip-adapter_nope.safetensors" in capsys.readouterr().err

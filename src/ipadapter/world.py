@@ -94,21 +94,24 @@ def caption_from_parts(background: str | None, colour: str | None, shape: str | 
     return " ".join(p for p in (head, tail) if p)
 
 
-def caption(sample: Sample, rng: random.Random | None = None, partial: bool = False) -> str:
+def caption(sample: Sample, rng: random.Random | None = None, partial: bool = False, keep: float = 0.5) -> str:
     """Caption of a sample: "a {colour} {shape} on a {background} background".
 
-    With ``partial=True`` each of the three attributes is kept independently with probability 1/2, so all
-    eight variants are equally likely: "a red circle", "a triangle", "on a black background",
-    "a red shape on a black background", "" ... ``rng`` (default: a fresh unseeded one) draws the choice.
+    With ``partial=True`` each of the three attributes is kept independently with probability ``keep`` (1/2:
+    all eight variants equally likely): "a red circle", "a triangle", "on a black background",
+    "a red shape on a black background", "" ... ``rng`` (default: a fresh unseeded one) draws the choice;
+    it always takes three draws, so ``keep`` changes the words but not the stream.
     """
     if not partial:
         return caption_from_parts(sample.background, sample.colour, sample.shape)
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep={keep}: a probability in [0, 1]")
     rng = rng if rng is not None else random.Random()
-    keep = [rng.random() < 0.5 for _ in range(3)]
+    named = [rng.random() < keep for _ in range(3)]
     return caption_from_parts(
-        sample.background if keep[0] else None,
-        sample.colour if keep[1] else None,
-        sample.shape if keep[2] else None,
+        sample.background if named[0] else None,
+        sample.colour if named[1] else None,
+        sample.shape if named[2] else None,
     )
 
 
@@ -144,6 +147,23 @@ def all_captions(partial: bool = True) -> list[str]:
     return list(seen)
 
 
+def contradicting_prompt(sample: Sample, text: str, rng: random.Random) -> Sample:
+    """The sample with every attribute that ``text`` names changed to another value (same size and place).
+
+    A prompt image for reference -> target training: the text then carries what it names and the image the
+    rest, so an adapter learns to let the text decide what it says (see ``write_dataset(prompt_swap=...)``).
+    """
+    named = caption_attributes(text)
+    background, colour, shape = sample.background, sample.colour, sample.shape
+    if named["shape"] is not None:
+        shape = rng.choice([s for s in SHAPES if s != sample.shape])
+    if named["background"] is not None:
+        background = rng.choice([c for c in COLOURS if c not in (sample.background, colour)])
+    if named["colour"] is not None:
+        colour = rng.choice([c for c in COLOURS if c not in (sample.colour, background)])
+    return Sample(background, colour, shape, sample.size, sample.x, sample.y)
+
+
 def samples(n: int, seed: int) -> list[Sample]:
     """n samples from one seeded stream."""
     rng = random.Random(seed)
@@ -151,12 +171,15 @@ def samples(n: int, seed: int) -> list[Sample]:
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_captions: bool = True,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, caption_keep: float = 0.5, prompt_swap: float = 0.0) -> Path:
     """Write n PNGs and ``data.json`` in the IP-Adapter JSON training format; return the JSON path.
 
     ``data.json`` is ``[{"image_file": "00000.png", "text": "..."}, ...]`` with image_file relative to
     out_dir. A ``samples.json`` beside it keeps every sample's true attributes (for evaluation).
-    The same seed gives byte-identical files.
+    The same seed gives byte-identical files. ``caption_keep``: the chance that a partial caption names each
+    attribute (the images do not depend on it). ``prompt_swap``: the chance that an item whose caption names
+    something gets a separate prompt image (``"prompt_image_file"``) in which the named attributes differ
+    (:func:`contradicting_prompt`); 0 (default) is the paper's data, every image its own prompt.
     """
     from tqdm.auto import tqdm
 
@@ -164,14 +187,22 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_c
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     text_rng = random.Random(seed + 1)  # separate stream: captions do not shift the images
+    swap_rng = random.Random(seed + 2)  # and prompt images shift neither
     width = max(5, len(str(n - 1)))
     records, truth = [], []
     for i in tqdm(range(n), desc="world images", disable=not progress):
         s = random_sample(rng)
         name = f"{i:0{width}d}.png"
         draw(s).save(out / name, format="PNG", optimize=False)
-        records.append({"image_file": name, "text": caption(s, text_rng, partial=partial_captions)})
-        truth.append({"image_file": name, **asdict(s)})
+        record = {"image_file": name, "text": caption(s, text_rng, partial=partial_captions, keep=caption_keep)}
+        fact = {"image_file": name, **asdict(s)}
+        if prompt_swap and swap_rng.random() < prompt_swap and any(caption_attributes(record["text"]).values()):
+            prompt = contradicting_prompt(s, record["text"], swap_rng)
+            record["prompt_image_file"] = fact["prompt_image_file"] = f"{i:0{width}d}-prompt.png"
+            draw(prompt).save(out / record["prompt_image_file"], format="PNG", optimize=False)
+            fact["prompt"] = asdict(prompt)
+        records.append(record)
+        truth.append(fact)
     path = out / "data.json"
     path.write_text(json.dumps(records, indent=1) + "\n")
     (out / "samples.json").write_text(json.dumps(truth, indent=1) + "\n")

@@ -4,9 +4,11 @@
 
 1. ``world_build.build``: tokenizer, contrastive CLIP towers, VAE, text-to-image UNet (a diffusers folder).
 2. ``world.write_dataset``: training pairs in the official JSON format (TRAIN_SEED; evaluation uses EVAL_SEED).
-3. ``train.train``: three adapters on the frozen base with the same data, steps and batch -- the paper's
-   decoupled adapter with global features (the default adapter), the fine-grained "plus" one, and the
-   paper's "simple adapter" ablation (image tokens appended to the text tokens, no new K/V).
+3. ``train.train``: four adapters on the frozen base with the same images, steps and batch -- the paper's
+   decoupled adapter with global features (the default adapter), the fine-grained "plus" one, the paper's
+   "simple adapter" ablation (image tokens appended to the text tokens, no new K/V), all on the paper's
+   (image, caption) data; and "pairs", the global adapter trained where half the captioned items come with a
+   prompt image that contradicts what the caption names, so that text and image prompts combine at scale 0.5.
 
 Reproducible: every stage is seeded. Device-agnostic: ``--device cuda`` runs the same code on a GPU.
 """
@@ -20,13 +22,24 @@ import tempfile
 import time
 from pathlib import Path
 
-ADAPTERS = {  # file name -> (kind, AdapterConfig overrides)
-    "ip-adapter_global.safetensors": ("global", {}),
-    "ip-adapter_plus.safetensors": ("plus", {"resampler_depth": 2}),
-    "ip-adapter_simple.safetensors": ("global", {"attention": "concat"}),
+from .errors import IPAdapterError
+
+ADAPTERS = {  # file name -> (kind, AdapterConfig overrides, training data: "paper" or "pairs")
+    "ip-adapter_global.safetensors": ("global", {}, "paper"),
+    "ip-adapter_plus.safetensors": ("plus", {"resampler_depth": 2}, "paper"),
+    "ip-adapter_simple.safetensors": ("global", {"attention": "concat"}, "paper"),
+    "ip-adapter_pairs.safetensors": ("global", {}, "pairs"),
 }
-TRAIN_IMAGES = 12_000
-ADAPTER_STEPS = 3_000
+# "pairs": the same images and captions, but half of the items whose caption names something get a prompt image
+# in which those attributes differ (world.contradicting_prompt): the text must win where it speaks. The paper
+# trains on (image, caption) alone, which never shows the adapter a disagreement; see the README's results.
+PAIRS_PROMPT_SWAP = 0.5
+RECIPE = ("ipadapter train on the frozen base: world images (TRAIN_SEED + seed), partial captions (each attribute "
+          "named with chance 1/2; empty -> 'a shape'), AdamW lr 3e-4 wd 0.01, warm-up, grad clip 1.0, drop "
+          "image/text/both 5% each, feature cache. 'pairs' data: the same, with prompt images that contradict the "
+          f"caption for {PAIRS_PROMPT_SWAP:.0%} of the items whose caption names something")
+TRAIN_IMAGES = 6_000  # the shipped family's settings: a CPU afternoon; a GPU can afford more
+ADAPTER_STEPS = 900
 ADAPTER_BATCH = 128
 ADAPTER_LR = 3e-4  # the paper's 1e-4 is for 1M steps; this world gets a few thousand
 ADAPTER_WARMUP = 100
@@ -37,17 +50,21 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
                  base_budget_s: float | None = None, adapter_steps: int | None = None,
                  adapter_batch: int | None = None, train_images: int | None = None,
                  adapter_seconds: float | None = None, skip_base: bool = False, progress: bool = True,
-                 base_overrides: dict | None = None) -> dict:
+                 base_overrides: dict | None = None, only: list[str] | None = None) -> dict:
     """Build (or, with ``skip_base``, reuse) the base model in ``out_dir`` and train its adapters there.
 
     ``adapter_seconds``: fit the step count to this many seconds per adapter, measured on the global one (two
     short probe runs on the shared feature cache); every adapter then gets the same steps and batch.
+    ``only``: train just these adapter files (names from :data:`ADAPTERS`); the others in ``out_dir`` stay.
     """
     from . import world
     from .train import TrainConfig, train
     from .world_build import build
 
     out = Path(out_dir)
+    unknown = sorted(set(only or ()) - set(ADAPTERS))
+    if unknown:
+        raise IPAdapterError(f"--adapters {', '.join(unknown)}: the world's adapters are {', '.join(ADAPTERS)}")
     steps = adapter_steps or (QUICK["adapter_steps"] if quick else ADAPTER_STEPS)
     batch = adapter_batch or (QUICK["adapter_batch"] if quick else ADAPTER_BATCH)
     n_images = train_images or (QUICK["train_images"] if quick else TRAIN_IMAGES)
@@ -59,22 +76,26 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
             overrides["time_budget_s"] = base_budget_s or None
         summary["base"] = build(out, device=device, quick=quick, seed=seed, progress=progress, **overrides)
     summary["adapters"] = {}
+    chosen = {n: v for n, v in ADAPTERS.items() if only is None or n in only}
     with tempfile.TemporaryDirectory(prefix="ipadapter-world-") as tmp:
-        data_json = world.write_dataset(Path(tmp) / "data", n_images, seed=world.TRAIN_SEED + seed,
-                                        progress=progress)
-        # Partial captions make the image carry what the text leaves out; an empty one would count as a bad
-        # item for the trainer (it drops the text itself, 5% + 5%), so it becomes the attribute-free "a shape".
-        items = json.loads(Path(data_json).read_text())
-        for item in items:
-            item["text"] = item["text"] or "a shape"
-        Path(data_json).write_text(json.dumps(items))
+        data = {}
+        for variant in sorted({v[2] for v in chosen.values()} | ({"paper"} if adapter_seconds else set())):
+            data[variant] = world.write_dataset(Path(tmp) / f"data-{variant}", n_images, seed=world.TRAIN_SEED + seed,
+                                                progress=progress,
+                                                prompt_swap=PAIRS_PROMPT_SWAP if variant == "pairs" else 0.0)
+            # Partial captions make the image carry what the text leaves out; an empty one would count as a bad
+            # item for the trainer (it drops the text itself, 5% + 5%), so it becomes the attribute-free "a shape".
+            items = json.loads(data[variant].read_text())
+            for item in items:
+                item["text"] = item["text"] or "a shape"
+            data[variant].write_text(json.dumps(items))
 
-        def config(name: str, kind: str, extra: dict, steps: int) -> TrainConfig:
+        def config(name: str, kind: str, extra: dict, steps: int, variant: str = "paper") -> TrainConfig:
             return TrainConfig(
-                model=str(out), data=str(data_json), output=str(Path(tmp) / name), kind=kind, adapter=dict(extra),
-                max_steps=steps, batch_size=batch, lr=ADAPTER_LR, warmup_steps=min(ADAPTER_WARMUP, steps // 10),
-                max_grad_norm=1.0, save_every=steps, seed=seed, device=device, progress=progress,
-                cache=str(Path(tmp) / f"cache-{kind}"), tensorboard=False,
+                model=str(out), data=str(data[variant]), output=str(Path(tmp) / name), kind=kind,
+                adapter=dict(extra), max_steps=steps, batch_size=batch, lr=ADAPTER_LR,
+                warmup_steps=min(ADAPTER_WARMUP, steps // 10), max_grad_norm=1.0, save_every=steps, seed=seed,
+                device=device, progress=progress, cache=str(Path(tmp) / f"cache-{kind}"), tensorboard=False,
             )
 
         if adapter_seconds:
@@ -88,22 +109,38 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
             summary["probe_steps_per_s"] = round(rate, 2)
             if progress:
                 print(f"world: {rate:.1f} steps/s -> {steps} steps per adapter", flush=True)
-        for name, (kind, extra) in ADAPTERS.items():
+        for name, (kind, extra, variant) in chosen.items():
             started = time.perf_counter()
-            written = train(config(name, kind, extra, steps))
+            written = train(config(name, kind, extra, steps, variant))
             shutil.copy2(written, out / name)
-            summary["adapters"][name] = {"kind": kind, **extra, "steps": steps, "batch": batch,
-                                         "seconds": round(time.perf_counter() - started, 1)}
+            summary["adapters"][name] = {"kind": kind, **extra, "data": variant, "steps": steps, "batch": batch,
+                                         "images": n_images, "seconds": round(time.perf_counter() - started, 1)}
             if progress:
                 print(f"world: trained {name} in {summary['adapters'][name]['seconds']} s", flush=True)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "world_family.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "base"},
-                                                      indent=1) + "\n")
+    record = {k: v for k, v in summary.items() if k != "base"}
+    previous = out / "world_family.json"
+    if only is not None and previous.is_file():  # keep what the other adapters' runs recorded
+        try:
+            earlier = json.loads(previous.read_text()).get("adapters", {})
+        except (json.JSONDecodeError, AttributeError):
+            earlier = {}
+        record["adapters"] = {**{k: v for k, v in earlier.items() if k in ADAPTERS}, **record["adapters"]}
+    record["recipe"] = RECIPE
+    previous.write_text(json.dumps(record, indent=1) + "\n")
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
+    from .cli import _float, _positive_int
+
+    def _probability(text: str) -> float:
+        value = _float(text)
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{text} is not a probability in [0, 1]")
+        return value
+
     p = subparsers.add_parser("world", help="the embedded shapes world: data and model family")
     sub = p.add_subparsers(dest="world_command", required=True)
     b = sub.add_parser("build", help="train the whole model family (base + adapters) from scratch")
@@ -112,14 +149,22 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a seconds-long smoke variant (tests)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--base-budget", type=float, default=None, help="seconds for the base model's training stages")
-    b.add_argument("--adapter-steps", type=int, default=None)
+    b.add_argument("--adapter-steps", type=_positive_int, default=None, help=f"default {ADAPTER_STEPS}")
+    b.add_argument("--adapter-batch", type=_positive_int, default=None, help=f"default {ADAPTER_BATCH}")
+    b.add_argument("--train-images", type=_positive_int, default=None, help=f"adapter training images (default {TRAIN_IMAGES})")
     b.add_argument("--adapter-seconds", type=float, default=None,
                    help="fit the adapters' step count to about this many seconds each (measured first)")
     b.add_argument("--skip-base", action="store_true", help="reuse the base model in --out, train adapters only")
+    b.add_argument("--adapters", nargs="+", metavar="FILE", choices=list(ADAPTERS), default=None,
+                   help="train only these adapter files (default: all of them)")
     d = sub.add_parser("data", help="write N world samples in the official JSON training format")
     d.add_argument("--out", required=True)
-    d.add_argument("-n", type=int, default=1000)
+    d.add_argument("-n", type=_positive_int, default=1000)
     d.add_argument("--seed", type=int, default=None, help="default: the training seed (evaluation uses another)")
+    d.add_argument("--caption-keep", type=_probability, default=0.5,
+                   help="chance that a caption names each attribute (default 0.5; 1 = full captions)")
+    d.add_argument("--prompt-swap", type=_probability, default=0.0,
+                   help="chance of a separate prompt image contradicting what the caption names (the 'pairs' data)")
     return p
 
 
@@ -127,10 +172,12 @@ def cmd_world(args) -> int:
     if args.world_command == "data":
         from . import world
 
-        path = world.write_dataset(args.out, args.n, seed=world.TRAIN_SEED if args.seed is None else args.seed)
+        path = world.write_dataset(args.out, args.n, seed=world.TRAIN_SEED if args.seed is None else args.seed,
+                                   caption_keep=args.caption_keep, prompt_swap=args.prompt_swap)
         print(path)
         return 0
     build_family(args.out, device=args.device, quick=args.quick, seed=args.seed, base_budget_s=args.base_budget,
-                 adapter_steps=args.adapter_steps, adapter_seconds=args.adapter_seconds, skip_base=args.skip_base)
+                 adapter_steps=args.adapter_steps, adapter_seconds=args.adapter_seconds, skip_base=args.skip_base,
+                 adapter_batch=args.adapter_batch, train_images=args.train_images, only=args.adapters)
     print(args.out)
     return 0
