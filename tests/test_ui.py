@@ -368,3 +368,15 @@ def test_a_server_open_to_the_network_keeps_its_model(tiny_model, tmp_path):
                    adapter=str(tmp_path / "other.safetensors"))
     with pytest.raises(IPAdapterError, match="does not let the page choose model files"):
         gen.run(form)
+
+
+def test_resolve_model_finds_an_adapter_name_in_the_model_folder(tmp_path):
+    from ipadapter.pipeline import EMBEDDED_MODEL
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.safetensors").write_bytes(b"x")
+    assert ui.resolve_model(tmp_path / "m", "a.safetensors") == (str(tmp_path / "m"), str(tmp_path / "m" / "a.safetensors"))
+    assert ui.resolve_model(tmp_path / "m", "b.safetensors")[1] == "b.safetensors"  # left as given: load says why
+    if (EMBEDDED_MODEL / "ip-adapter_pairs.safetensors").is_file():
+        assert ui.resolve_model(None, "ip-adapter_pairs.safetensors")[1] == str(EMBEDDED_MODEL / "ip-adapter_pairs.safetensors")
+        assert ui.resolve_model(None, None)[1] == str(EMBEDDED_MODEL / "ip-adapter_global.safetensors")

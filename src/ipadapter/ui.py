@@ -182,15 +182,18 @@ def page_message(message: str, form: Form | None = None) -> str:
 
 # ------------------------------------------------------------------------------------------------ models
 def resolve_model(model: str | os.PathLike | None, adapter: str | os.PathLike | None) -> tuple[str, str]:
-    """(model, adapter) as given, or the embedded world model's; an adapter is required with a model."""
+    """(model, adapter) as given, or the embedded world model's; an adapter is required with a model. An adapter
+    name that is not a file is looked up in the model folder (``--adapter ip-adapter_pairs.safetensors``)."""
+    from .pipeline import adapter_in_model
+
     if not model:
         from .pipeline import embedded_model
 
         default_model, default_adapter = embedded_model()
-        return str(default_model), str(adapter or default_adapter)
+        return str(default_model), str(adapter_in_model(adapter, default_model) or default_adapter)
     if not adapter:
         raise IPAdapterError(f"{model}: give its adapter file too (--adapter FILE)")
-    return str(model), str(adapter)
+    return str(model), str(adapter_in_model(adapter, model))
 
 
 def default_size(model: str | os.PathLike) -> int:
