@@ -375,8 +375,10 @@ def test_resolve_model_finds_an_adapter_name_in_the_model_folder(tmp_path):
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.safetensors").write_bytes(b"x")
-    assert ui.resolve_model(tmp_path / "m", "a.safetensors") == (str(tmp_path / "m"), str(tmp_path / "m" / "a.safetensors"))
+    model = tmp_path / "m"
+    assert ui.resolve_model(model, "a.safetensors") == (str(model), str(model / "a.safetensors"))
     assert ui.resolve_model(tmp_path / "m", "b.safetensors")[1] == "b.safetensors"  # left as given: load says why
     if (EMBEDDED_MODEL / "ip-adapter_pairs.safetensors").is_file():
-        assert ui.resolve_model(None, "ip-adapter_pairs.safetensors")[1] == str(EMBEDDED_MODEL / "ip-adapter_pairs.safetensors")
+        pairs = EMBEDDED_MODEL / "ip-adapter_pairs.safetensors"
+        assert ui.resolve_model(None, "ip-adapter_pairs.safetensors")[1] == str(pairs)
         assert ui.resolve_model(None, None)[1] == str(EMBEDDED_MODEL / "ip-adapter_global.safetensors")

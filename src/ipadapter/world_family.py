@@ -151,7 +151,8 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--base-budget", type=float, default=None, help="seconds for the base model's training stages")
     b.add_argument("--adapter-steps", type=_positive_int, default=None, help=f"default {ADAPTER_STEPS}")
     b.add_argument("--adapter-batch", type=_positive_int, default=None, help=f"default {ADAPTER_BATCH}")
-    b.add_argument("--train-images", type=_positive_int, default=None, help=f"adapter training images (default {TRAIN_IMAGES})")
+    b.add_argument("--train-images", type=_positive_int, default=None,
+                   help=f"adapter training images (default {TRAIN_IMAGES})")
     b.add_argument("--adapter-seconds", type=float, default=None,
                    help="fit the adapters' step count to about this many seconds each (measured first)")
     b.add_argument("--skip-base", action="store_true", help="reuse the base model in --out, train adapters only")
