@@ -585,3 +585,21 @@ def test_cli_embed_bad_input(cli_model, capsys):
     err = capsys.readouterr().err.splitlines()
     assert "ending in .safetensors" in err[0] and "2 --negative-image for 3 --image" in err[1]
     assert not (r / "e.pt").exists() and not (r / "e2.safetensors").exists()
+
+
+def test_world_text_prompt_with_the_default_adapter_points_at_the_pairs_one(tmp_path, capsys):
+    try:
+        model, _ = ipadapter.embedded_model()
+    except IPAdapterError:
+        pytest.skip("the embedded world model is not installed yet")
+    if not (model / "ip-adapter_pairs.safetensors").is_file():
+        pytest.skip("this world model has no pairs adapter")
+    image = tmp_path / "p.png"
+    shape_image("red", "circle").save(image)
+    base = ["generate", "--image", str(image), "--steps", "1"]
+    assert main([*base, "--prompt", "on a black background", "-o", str(tmp_path / "a.png")]) == 0
+    assert "note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs" in capsys.readouterr().err
+    assert main([*base, "-o", str(tmp_path / "b.png")]) == 0  # image only: no note
+    assert main([*base, "--prompt", "on a black background", "--adapter", "ip-adapter_pairs.safetensors",
+                     "-o", str(tmp_path / "c.png")]) == 0  # the name is found in the embedded model's folder
+    assert "note:" not in capsys.readouterr().err

@@ -371,6 +371,10 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         model, default_adapter = embedded_model()
         if groups[0].get("adapter") is None:
             groups[0]["adapter"] = default_adapter
+            if getattr(args, "prompt", "") and (model / "ip-adapter_pairs.safetensors").is_file():
+                print("note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs.safetensors "
+                      "lets the text decide what it names (the default, the paper's recipe, keeps the image's)",
+                      file=sys.stderr)
     if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
     from .pipeline import adapter_in_model
