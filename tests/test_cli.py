@@ -241,3 +241,20 @@ def test_subprocess_hub_id_offline(files, tmp_path):
     proc = _subprocess(argv, tmp_path)
     _assert_one_line_error(proc.returncode, proc.stderr, "someone/not-cached", "not in the local", "--model DIR")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_a_command_closes_the_process_group_it_ran_in(capsys, files, tmp_path, good):
+    """Under torchrun/accelerate the CLI destroys the group before exiting (left to interpreter exit, a gloo
+    process can die with SIGABRT); after an error it does so without waiting on the others."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        rc, _, _ = _run(capsys, ["inspect", str(files["global"] if good else tmp_path / "missing.safetensors")])
+        assert rc == (0 if good else 2)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    finished = False
     try:
         from .evaluate import cmd_eval
         from .train import cmd_train
@@ -283,13 +284,33 @@ def main(argv: list[str] | None = None) -> int:
                    "world": cmd_world}[args.command]
         # inspect/convert never load diffusers/transformers: do not pay for importing their logging
         with _quiet_libraries() if args.command not in ("inspect", "convert") else contextlib.nullcontext():
-            return handler(args) or 0
+            code = handler(args) or 0
+        finished = True
+        return code
     except IPAdapterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group(wait=finished)  # the others may be elsewhere after an error: no barrier then
+
+
+def _close_process_group(wait: bool) -> None:
+    """End a multi-process run (``accelerate launch``/``torchrun`` train or eval) cleanly: wait for the other
+    processes, then destroy the group. Left to interpreter exit, gloo's threads can be torn down while still
+    joinable and a process dies with SIGABRT ("terminate called without an active exception")."""
+    if "torch" not in sys.modules:  # nothing imported torch: no group can exist
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ commands

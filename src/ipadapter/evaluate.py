@@ -588,15 +588,8 @@ def cmd_eval(args) -> int:
                             text_only=args.text_only)
     info = {"model": str(model), "adapter": None if args.text_only else str(adapter), "clip": str(clip_source),
             "data": args.data or f"world held-out (EVAL_SEED, {len(pairs)})"}
-    from .train import close_process_group
-
-    try:
-        result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
-                          progress=sys.stderr.isatty(), info=info)
-    except BaseException:
-        close_process_group(wait=False)  # the others may be elsewhere: no barrier to hang on
-        raise
-    close_process_group()
+    result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
+                      progress=sys.stderr.isatty(), info=info)
     if not state.is_main_process:
         return 0
     mode = "text-only baseline" if args.text_only else f"adapter {Path(str(adapter)).name}"

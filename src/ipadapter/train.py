@@ -1117,27 +1117,7 @@ def config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    try:
-        path = train(config_from_args(args))
-    except BaseException:
-        close_process_group(wait=False)  # the others may be elsewhere: no barrier to hang on
-        raise
-    close_process_group()
+    path = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
     return 0
-
-
-def close_process_group(wait: bool = True) -> None:
-    """End a multi-process run cleanly: every process waits for the others, then the group is destroyed.
-
-    Left to interpreter exit, gloo's threads can be torn down while still joinable and a process dies with
-    SIGABRT ("terminate called without an active exception") after its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if wait:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
