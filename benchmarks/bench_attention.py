@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ipadapter.adapter import Adapter, attach
-from ipadapter.encoders import Features
+from ipadapter.core.adapter import Adapter, attach
+from ipadapter.core.encoders import Features
 
 # SD 1.5 shape, scaled down in width only: the cross-attention width (768) and the image-token counts are the real
 # ones, so image K/V and projection costs are realistic relative to the UNet's own text cross-attention.

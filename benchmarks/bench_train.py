@@ -117,7 +117,7 @@ def _peak(device: str) -> dict:
 
 
 def _config(a, output: Path, cache: str | None, steps: int):
-    from ipadapter.train import TrainConfig
+    from ipadapter.training.train import TrainConfig
 
     return TrainConfig(model=str(a.workdir / "model"), data=str(a.workdir / "data" / "data.json"), output=str(output),
                        kind="global", resolution=a.resolution, batch_size=a.batch, max_steps=steps,
@@ -132,7 +132,7 @@ def _clock(device: str) -> float:
 
 def worker_trainer(a, cached: bool) -> dict:
     """The trainer, cached or not, timed between the check points where it logs each window's loss."""
-    from ipadapter import train as T
+    from ipadapter.training import train as T
 
     marks: list[tuple[float, int, float]] = []  # (clock, step, window loss)
     log = T.Log.__call__
@@ -154,7 +154,7 @@ def worker_trainer(a, cached: bool) -> dict:
 
 def worker_cache(a) -> dict:
     """Build the cache once (not timed with the steps): one training step into a scratch folder."""
-    from ipadapter.train import train
+    from ipadapter.training.train import train
 
     start = time.perf_counter()
     train(_config(a, a.workdir / "run-cache-build", str(a.workdir / "cache"), 1))
@@ -171,9 +171,9 @@ def worker_naive(a) -> dict:
     from PIL import Image
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
-    from ipadapter.adapter import Adapter, attach
-    from ipadapter.data import BatchOrder
-    from ipadapter.train import Models, TrainConfig, Trainee, loss_for, step_draws
+    from ipadapter.core.adapter import Adapter, attach
+    from ipadapter.training.data import BatchOrder
+    from ipadapter.training.train import Models, TrainConfig, Trainee, loss_for, step_draws
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.device(a.device)
@@ -252,7 +252,7 @@ def worker_bare(a) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ipadapter.adapter import Adapter, attach
+    from ipadapter.core.adapter import Adapter, attach
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
@@ -290,7 +290,7 @@ def worker_bare(a) -> dict:
 
 
 def _features(emb):
-    from ipadapter.encoders import Features
+    from ipadapter.core.encoders import Features
 
     return Features(image_embeds=emb)
 

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ipadapter import world
-from ipadapter.checkpoint import parameter_count, read_checkpoint
-from ipadapter.evaluate import ClipScorer, EvalSettings, Pair, evaluate, find_clip, world_pairs, write_json
-from ipadapter.pipeline import EMBEDDED_MODEL, load, load_pipeline
+from ipadapter.core.checkpoint import parameter_count, read_checkpoint
+from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, evaluate, find_clip, world_pairs, write_json
+from ipadapter.generation.pipeline import EMBEDDED_MODEL, load, load_pipeline
+from ipadapter.world import shapes as world
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_NAMES = ("global", "plus", "simple", "pairs")  # world_model/ip-adapter_<name>.safetensors

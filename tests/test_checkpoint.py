@@ -12,11 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ALL_KINDS, PATCH_AND_GLOBAL, cross_layers, diffusers_ip_adapter, make_adapter
-from ipadapter.adapter import Adapter
-from ipadapter.checkpoint import parameter_count, read_checkpoint, write_checkpoint
-from ipadapter.config import AdapterConfig
-from ipadapter.errors import IPAdapterError
-from ipadapter.pipeline import load
+from ipadapter.core.adapter import Adapter
+from ipadapter.core.checkpoint import parameter_count, read_checkpoint, write_checkpoint
+from ipadapter.core.config import AdapterConfig
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.generation.pipeline import load
 
 # Fields every layout must give back from the tensors alone (no metadata): full's token count depends on the
 # encoder, not on any tensor, and PlusV2's shortcut is a usage choice, so both need our metadata.
@@ -240,7 +240,7 @@ def test_write_is_atomic_and_safetensors_only(tmp_path, adapters):
 
 
 def test_base_family_guessed_for_real_widths():
-    from ipadapter.config import guess_base_family
+    from ipadapter.core.config import guess_base_family
 
     assert guess_base_family(768, 16) == "sd15"
     assert guess_base_family(1024, 16) == "sd2"

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import GEN, diffusers_ip_adapter, generator, random_image
-from ipadapter.checkpoint import parameter_count, read_checkpoint
 from ipadapter.cli import main
+from ipadapter.core.checkpoint import parameter_count, read_checkpoint
 from ipadapter.testing import tiny_image_encoder
 
 STEPS, SEED, SCALE = 2, 3, 0.7
@@ -89,7 +89,7 @@ def test_generate_to_a_folder_with_several_images(capsys, files, tmp_path):
 
 
 def test_output_names(tmp_path):
-    from ipadapter.cli import _outputs
+    from ipadapter.cli.generate import _outputs
 
     assert _outputs(str(tmp_path / "a.png"), 1, 5) == [tmp_path / "a.png"]
     assert _outputs(str(tmp_path / "a.png"), 2, 5) == [tmp_path / "a-0.png", tmp_path / "a-1.png"]

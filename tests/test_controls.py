@@ -1,4 +1,4 @@
-"""ipadapter.controls: combine modes, weights, schedules, block scales, masks, embeddings files, seeds."""
+"""ipadapter.generation.controls: combine modes, weights, schedules, block scales, masks, embeddings files, seeds."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter import controls
-from ipadapter.adapter import unet_layers
-from ipadapter.controls import IPAdapterNote
-from ipadapter.encoders import Features
-from ipadapter.errors import IPAdapterError
+from ipadapter.core.adapter import unet_layers
+from ipadapter.core.encoders import Features
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.generation import controls
+from ipadapter.generation.controls import IPAdapterNote
 from ipadapter.testing import tiny_unet
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter import data as D
-from ipadapter.errors import IPAdapterError
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.training import data as D
 
 
 def _png(path, size=(20, 16), mode="RGB", seed=0):

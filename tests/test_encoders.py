@@ -14,10 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import make_adapter, random_image
-from ipadapter.config import AdapterConfig
-from ipadapter.encoders import ImageEncoder, load_face_embeddings, load_image
-from ipadapter.errors import IPAdapterError
-from ipadapter.pipeline import load
+from ipadapter.core.config import AdapterConfig
+from ipadapter.core.encoders import ImageEncoder, load_face_embeddings, load_image
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.generation.pipeline import load
 from ipadapter.testing import tiny_feature_extractor, tiny_image_encoder
 
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from conftest import random_image
-from ipadapter import world
 from ipadapter.cli import main
-from ipadapter.errors import IPAdapterError
-from ipadapter.evaluate import (
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.evaluation.evaluate import (
     ClipScorer,
     EvalSettings,
     Pair,
@@ -28,8 +27,9 @@ from ipadapter.evaluate import (
     sample_seed,
     world_pairs,
 )
-from ipadapter.pipeline import load
+from ipadapter.generation.pipeline import load
 from ipadapter.testing import random_adapter, tiny_pipeline, tiny_tokenizer
+from ipadapter.world import shapes as world
 
 FAST = EvalSettings(samples=2, steps=2, guidance=5.0, batch_size=2)
 
@@ -367,7 +367,7 @@ def test_world_report_quick_run_writes_every_output(model_files, clip_dir, tmp_p
     spec.loader.exec_module(report)
     model, adapter = model_files
     simple = tmp_path / "simple.safetensors"
-    from ipadapter.pipeline import load_pipeline
+    from ipadapter.generation.pipeline import load_pipeline
 
     pipe = load_pipeline(model)
     random_adapter(pipe.unet, "global", encoder=pipe.image_encoder, seed=3, attention="concat").save(simple)
@@ -396,7 +396,7 @@ def test_world_report_quick_run_writes_every_output(model_files, clip_dir, tmp_p
 def _world_model() -> Path | None:
     import os
 
-    from ipadapter.pipeline import EMBEDDED_MODEL
+    from ipadapter.generation.pipeline import EMBEDDED_MODEL
 
     folder = Path(os.environ.get("IPADAPTER_WORLD_MODEL") or EMBEDDED_MODEL)
     return folder if (folder / "model_index.json").is_file() else None
@@ -408,8 +408,8 @@ def _world_model() -> Path | None:
 def test_a_quickly_trained_adapter_beats_the_text_only_baseline(tmp_path):
     """60 steps of `train` on the world base model, then `evaluate` on held-out prompts: the image prompt must
     bring the generations closer to the prompt images than the empty-prompt baseline."""
-    from ipadapter.pipeline import load_pipeline
-    from ipadapter.train import TrainConfig, train
+    from ipadapter.generation.pipeline import load_pipeline
+    from ipadapter.training.train import TrainConfig, train
 
     model = _world_model()
     data = world.write_dataset(tmp_path / "data", 128, seed=world.TRAIN_SEED, partial_captions=False, progress=False)

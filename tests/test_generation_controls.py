@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 import ipadapter
 from ipadapter import testing
 from ipadapter.cli import build_parser, main
-from ipadapter.controls import IPAdapterNote
-from ipadapter.errors import IPAdapterError
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.generation.controls import IPAdapterNote
 
 SIZE = 32
 COMMON = dict(prompt="a cat", num_inference_steps=3, guidance_scale=7.5, width=SIZE, height=SIZE, output_type="np")
@@ -227,7 +227,7 @@ def test_grayscale_mask_scales_the_image_attention(pairs):
 
 def unet_calls(p, **kwargs) -> list[tuple]:
     """(progress, input sample, timestep, text embeddings, output) of every UNet call of a generation."""
-    from ipadapter.adapter import runtime_of
+    from ipadapter.core.adapter import runtime_of
 
     calls = []
 
@@ -307,7 +307,7 @@ def test_seeds_per_image(pairs):
 
 
 def test_precomputed_embeddings_give_the_same_image(pairs, tmp_path):
-    from ipadapter.controls import save_embeds
+    from ipadapter.generation.controls import save_embeds
 
     p = pairs["sd15"]
     cond, uncond = p.ip.embed([noise(1), noise(2)], negative_images=[noise(3)])
@@ -371,7 +371,7 @@ def world():
 
 
 def shape_image(colour: str, shape: str, size: int = 64) -> Image.Image:
-    from ipadapter.world import PALETTE
+    from ipadapter.world.shapes import PALETTE
 
     img = Image.new("RGB", (size, size), PALETTE["white"])
     draw = ImageDraw.Draw(img)
@@ -381,7 +381,7 @@ def shape_image(colour: str, shape: str, size: int = 64) -> Image.Image:
 
 
 def colour_fraction(images, colour: str, region=slice(None)) -> float:
-    from ipadapter.world_parse import nearest_colour
+    from ipadapter.world.parse import nearest_colour
 
     hits = total = 0
     for image in images:

@@ -21,8 +21,8 @@ from conftest import (
     noise_prediction,
     unet_inputs,
 )
-from ipadapter.errors import IPAdapterError
-from ipadapter.pipeline import ImagePrompt, check_scale, find_image_encoder, load
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.generation.pipeline import ImagePrompt, check_scale, find_image_encoder, load
 
 SCALE = 0.7
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from ipadapter.adapter import Adapter
-from ipadapter.config import AdapterConfig
-from ipadapter.encoders import Features
-from ipadapter.errors import IPAdapterError
-from ipadapter.projection import (
+from ipadapter.core.adapter import Adapter
+from ipadapter.core.config import AdapterConfig
+from ipadapter.core.encoders import Features
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.core.projection import (
     FaceIDProjection,
     GlobalProjection,
     Resampler,

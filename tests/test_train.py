@@ -14,12 +14,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from ipadapter import cli
-from ipadapter.adapter import Adapter, attach, unet_layers
-from ipadapter.cache import FeatureCache
-from ipadapter.checkpoint import read_checkpoint
-from ipadapter.errors import IPAdapterError
+from ipadapter.core.adapter import Adapter, attach, unet_layers
+from ipadapter.core.checkpoint import read_checkpoint
+from ipadapter.core.errors import IPAdapterError
 from ipadapter.testing import tiny_image_encoder, tiny_unet
-from ipadapter.train import Models, TrainConfig, Trainee, checkpoints, loss_for, step_draws, train
+from ipadapter.training.cache import FeatureCache
+from ipadapter.training.train import Models, TrainConfig, Trainee, checkpoints, loss_for, step_draws, train
 from train_support import config, max_diff, model_dir, weights, write_dataset
 
 
@@ -247,7 +247,7 @@ def test_config_file_then_flags(tmp_path, dataset):
                                 "batch_size": 4, "adam_betas": [0.9, 0.99]}))
     args = cli.build_parser().parse_args(["train", "--config", str(path), "--batch-size", "2", "--cache", "c",
                                           "--set", "ema_decay=0.99", "--set", "validation_prompt=a cat", "--resume"])
-    from ipadapter.train import config_from_args
+    from ipadapter.cli.train import config_from_args
 
     cfg = config_from_args(args)
     assert (cfg.model, cfg.lr, cfg.batch_size, cfg.cache, cfg.ema_decay, cfg.resume) == ("m", 3e-4, 2, "c", 0.99, True)

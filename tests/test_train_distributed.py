@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ipadapter.train import checkpoints, train
+from ipadapter.training.train import checkpoints, train
 from train_support import config, max_diff, model_dir, weights, write_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

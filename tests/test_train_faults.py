@@ -13,9 +13,9 @@ import time
 import pytest
 from PIL import Image
 
-from ipadapter.adapter import Adapter
-from ipadapter.errors import IPAdapterError
-from ipadapter.train import checkpoints, train
+from ipadapter.core.adapter import Adapter
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.training.train import checkpoints, train
 from train_support import config, max_diff, model_dir, weights, write_dataset
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from ipadapter import ui
-from ipadapter.errors import IPAdapterError
+from ipadapter.core.errors import IPAdapterError
 from ipadapter.testing import random_adapter, tiny_image_encoder, tiny_unet
+from ipadapter.ui import app as ui
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -87,7 +87,7 @@ def server(tiny_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def library(tiny_model):
     """The same model loaded by the library directly: what the page's results must equal."""
-    from ipadapter.pipeline import load, load_pipeline
+    from ipadapter.generation.pipeline import load, load_pipeline
 
     model, adapter = tiny_model
     ip = load(load_pipeline(model), adapter)
@@ -234,9 +234,9 @@ def test_two_browsers_at_once_each_get_their_own_result(server, page_at, library
 
 def test_world_model_result_follows_the_prompt_colours(page_at, tmp_path):
     """On the embedded world model the image prompt alone carries the colours into the result."""
-    from ipadapter.pipeline import embedded_model
-    from ipadapter.world import PALETTE
-    from ipadapter.world_parse import parse
+    from ipadapter.generation.pipeline import embedded_model
+    from ipadapter.world.parse import parse
+    from ipadapter.world.shapes import PALETTE
 
     try:
         embedded_model()
@@ -371,7 +371,7 @@ def test_a_server_open_to_the_network_keeps_its_model(tiny_model, tmp_path):
 
 
 def test_resolve_model_finds_an_adapter_name_in_the_model_folder(tmp_path):
-    from ipadapter.pipeline import EMBEDDED_MODEL
+    from ipadapter.generation.pipeline import EMBEDDED_MODEL
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.safetensors").write_bytes(b"x")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from ipadapter import world
-from ipadapter.world_parse import parse
+from ipadapter.world import shapes as world
+from ipadapter.world.parse import parse
 
 
 def truth(s: world.Sample) -> dict:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ipadapter import world, world_build
-from ipadapter.world_parse import parse
+from ipadapter.world import build as world_build
+from ipadapter.world import shapes as world
+from ipadapter.world.parse import parse
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,8 @@ def test_parse_reads_a_decoded_latent_round_trip_shape():
 def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(tmp_path, capsys):
     """`ipadapter world build --quick`: base + all adapters through the trainer; `--adapters` retrains one."""
     from ipadapter import cli
-    from ipadapter.checkpoint import read_checkpoint
-    from ipadapter.world_family import ADAPTERS
+    from ipadapter.core.checkpoint import read_checkpoint
+    from ipadapter.world.family import ADAPTERS
 
     out = tmp_path / "family"
     assert cli.main(["world", "build", "--out", str(out), "--quick"]) == 0

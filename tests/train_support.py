@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ipadapter.testing import tiny_pipeline
-from ipadapter.train import TrainConfig
+from ipadapter.training.train import TrainConfig
 
 _ROOT = Path(tempfile.mkdtemp(prefix="ipadapter-train-tests-"))
 atexit.register(shutil.rmtree, _ROOT, True)

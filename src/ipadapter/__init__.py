@@ -6,12 +6,12 @@
     image = ip.generate(images=["cat.png"], seed=0)[0]
 """
 
-from .adapter import Adapter, attach, detach, unet_layers
-from .checkpoint import read_checkpoint, write_checkpoint
-from .config import AdapterConfig
-from .encoders import ImageEncoder, load_image
-from .errors import IPAdapterError
-from .pipeline import ImagePrompt, IPAdapter, embedded_model, load, load_pipeline
+from .core.adapter import Adapter, attach, detach, unet_layers
+from .core.checkpoint import read_checkpoint, write_checkpoint
+from .core.config import AdapterConfig
+from .core.encoders import ImageEncoder, load_image
+from .core.errors import IPAdapterError
+from .generation.pipeline import ImagePrompt, IPAdapter, embedded_model, load, load_pipeline
 
 __version__ = "0.1.0"
 __all__ = [

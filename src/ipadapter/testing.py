@@ -121,7 +121,7 @@ def tiny_pipeline(shape: str = "sd15", folder: str | os.PathLike | None = None, 
 
 def random_adapter(unet, kind: str = "global", encoder=None, seed: int = 0, **overrides):
     """An adapter shaped for ``unet`` and ``encoder`` with random (not text-copied) weights."""
-    from .adapter import Adapter
+    from .core.adapter import Adapter
 
     encoder = encoder or tiny_image_encoder()
     embed = encoder.config.projection_dim if kind == "global" else encoder.config.hidden_size

@@ -58,6 +58,24 @@ class IPLayer(nn.Module):
         return self._has_lora
 
 
+def ip_layers(config) -> dict[str, IPLayer]:
+    """The per-layer adapter modules an :class:`~ipadapter.core.config.AdapterConfig` describes, keyed by the
+    official checkpoint index (image K/V on cross-attention layers, FaceID LoRA where the file has it)."""
+    layers: dict[str, IPLayer] = {}
+    for index in sorted(set(config.layer_widths) | set(config.lora_layers)):
+        if index in config.layer_widths:
+            width, cross = config.layer_widths[index], config.cross_attention_dim
+            if config.attention == "concat":  # the "simple adapter": no image K/V of its own
+                layers[str(index)] = IPLayer(width, None)
+                continue
+        else:  # self-attention LoRA (FaceID): same width as the block's cross-attention layer
+            width = config.layer_widths.get(index + 1) or config.layer_widths.get(index - 1)
+            cross = None
+        rank = config.lora_layers.get(index, 0)
+        layers[str(index)] = IPLayer(width, cross, rank, kv_in=cross or width)
+    return layers
+
+
 Schedule = Callable[[float], float]
 
 

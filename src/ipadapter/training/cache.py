@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import IPAdapterError
+from ..core.errors import IPAdapterError
 
 Tensors = dict[str, torch.Tensor]
 #: ``encode(items) -> ({bucket: {name: tensor [n, ...], "item": [n]}}, [(item, reason, name, detail), ...])``

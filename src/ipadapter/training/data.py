@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .encoders import MAX_PIXELS, to_rgb
-from .errors import IPAdapterError
+from ..core.encoders import MAX_PIXELS, to_rgb
+from ..core.errors import IPAdapterError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 FACE_EXTS = (".npy", ".safetensors", ".pt", ".bin")

@@ -18,7 +18,6 @@ The same code runs on a laptop CPU, one GPU or many (``accelerate launch``; DDP,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import glob
 import json
@@ -39,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.adapter import Adapter, attach, runtime_of
+from ..core.encoders import Features, ImageEncoder
+from ..core.errors import IPAdapterError
 from . import data as D
-from .adapter import Adapter, attach, runtime_of
-from .encoders import Features, ImageEncoder
-from .errors import IPAdapterError
 
 KINDS = ("global", "plus", "full", "faceid")
 #: which ``Features`` field each kind's projection reads
@@ -794,7 +793,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
         weights = official_weights()
         accelerator.wait_for_everyone()
         if main:
-            from .checkpoint import write_checkpoint
+            from ..core.checkpoint import write_checkpoint
 
             write_checkpoint(tmp / "ip-adapter.safetensors", adapter.config, weights)
             state = {"step": step, "batches": step * cfg.grad_accum, "global_batch": global_batch, "world": world,
@@ -935,7 +934,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
         save(step)
     weights = official_weights()
     if main:
-        from .checkpoint import write_checkpoint
+        from ..core.checkpoint import write_checkpoint
 
         write_checkpoint(final, adapter.config, weights)
         if bad.count or bad.converted:
@@ -1003,8 +1002,8 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .encoders import load_image
-    from .pipeline import IPAdapter, save_png
+    from ..core.encoders import load_image
+    from ..generation.pipeline import IPAdapter, save_png
 
     if cfg.kind == "faceid":
         log("validation: skipped for faceid adapters (prompts are face embeddings, CLIP-I does not apply)")
@@ -1064,60 +1063,3 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
     if writer is not None:
         writer.add_scalar("validation/clip_i", clip_i, step)
     log(f"validation at step {step}: CLIP-I {clip_i:.4f} over {len(scores)} prompt image(s) -> {folder}")
-
-
-# -------------------------------------------------------------------------------------------------- the CLI
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    t = subparsers.add_parser("train", help="train an adapter (any kind; SD 1.x or SDXL; 1 CPU to many GPUs)",
-                              description="Train an IP-Adapter. Settings come from --config (JSON), then the flags; "
-                                          "launch with `accelerate launch -m ipadapter.cli train ...` for several "
-                                          "GPUs.")
-    t.add_argument("--config", help="JSON file of TrainConfig settings (see configs/)")
-    t.add_argument("--model", help="diffusers model folder (SD 1.x or SDXL)")
-    t.add_argument("--data", help=".json/.jsonl list, folder of images + .txt captions, or .tar shards")
-    t.add_argument("--data-root", help="folder the JSON list's paths are relative to")
-    t.add_argument("--output", help="output folder: ip-adapter.safetensors, checkpoints/, logs/")
-    t.add_argument("--kind", choices=KINDS)
-    t.add_argument("--image-encoder", help="CLIP vision folder (default MODEL/image_encoder)")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int, help="per process")
-    t.add_argument("--resolution", type=int)
-    t.add_argument("--save-every", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--cache", help="feature cache folder (latents, text and image features computed once)")
-    t.add_argument("--no-cache", action="store_true", help="encode every step instead of caching")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other setting, e.g. --set ema_decay=0.999 --set mixed_precision=bf16")
-    return t
-
-
-def config_from_args(args) -> TrainConfig:
-    values: dict = {}
-    if args.config:
-        values = dataclasses.asdict(TrainConfig.from_file(args.config))
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise IPAdapterError(f"--set {item}: expected KEY=VALUE")
-        try:
-            values[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            values[key.strip()] = text
-    flags = {"model": args.model, "data": args.data, "data_root": args.data_root, "output": args.output,
-             "kind": args.kind, "image_encoder": args.image_encoder, "max_steps": args.max_steps,
-             "batch_size": args.batch_size, "resolution": args.resolution, "save_every": args.save_every,
-             "lr": args.lr, "cache": args.cache}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if args.no_cache:
-        values["cache"] = None
-    if args.resume:
-        values["resume"] = True
-    return TrainConfig.from_dict(values, "flags")
-
-
-def cmd_train(args) -> int:
-    path = train(config_from_args(args))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(path)
-    return 0

@@ -19,9 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from .attention import ip_layers
 from .config import AdapterConfig, guess_base_family
 from .errors import IPAdapterError
+from .projection import build_projection
 
 Tensors = dict[str, torch.Tensor]
 
@@ -310,10 +313,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[AdapterConfig, Tensors]:
 
 def check_tensors(cfg: AdapterConfig, official: Tensors, source: str = "checkpoint") -> None:
     """Every tensor the config implies is there with its shape, and nothing else (a damaged or mixed file)."""
-    from .adapter import Adapter
-
     with torch.device("meta"):  # shapes only: no memory, no random initialisation
-        expected = {k: tuple(v.shape) for k, v in Adapter(cfg).state_dict().items()}
+        parts = (("image_proj.", build_projection(cfg)), ("ip_adapter.", nn.ModuleDict(ip_layers(cfg))))
+        expected = {prefix + k: tuple(v.shape) for prefix, module in parts for k, v in module.state_dict().items()}
     proj, attn = split(official)
     for prefix, part in (("image_proj.", proj), ("ip_adapter.", attn)):
         want = {k[len(prefix):] for k in expected if k.startswith(prefix)}

@@ -11,126 +11,12 @@ order within their group. ``embed`` writes image embeddings with their negative 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from .errors import IPAdapterError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-
-
-def _scale(text: str) -> float:
-    value = _float(text)
-    if math.isnan(value) or math.isinf(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number >= 0 (1.0 = image only, ~0.5 with text)")
-    return value
-
-
-def _size(text: str) -> int:
-    value = _positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the VAE downsamples by 8)")
-    return value
-
-
-@contextlib.contextmanager
-def _quiet_libraries():
-    """No diffusers/transformers progress bars, info logs or FutureWarnings: stderr is for our one-line errors."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    libraries = (diffusers_logging, transformers_logging)
-    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
-    for lib in libraries:
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            yield
-    finally:  # restore for in-process callers (tests, notebooks)
-        for lib, (level, bars) in zip(libraries, saved):
-            lib.set_verbosity(level)
-            if bars:
-                lib.enable_progress_bar()
-
-
-def _fraction(text: str) -> float:
-    value = _float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value}: must be a fraction between 0 and 1")
-    return value
-
-
-def _finite(text: str) -> float:
-    value = _float(text)
-    if math.isnan(value) or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
-    return value
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, or one per image separated by commas") from None
-
-
-class _Grouped(argparse.Action):
-    """Repeated groups on one command line: ``--adapter A ... --adapter B ...``, ``--controlnet C ...``.
-
-    The flag that starts a group (``starts``) opens a new one; every other grouped flag fills the latest group
-    (flags before the first starter belong to the first group). A single-valued flag may appear once per group.
-    """
-
-    def __init__(self, option_strings, dest, group: str, key: str, repeat: bool = False, starts: bool = False,
-                 **kwargs):
-        super().__init__(option_strings, dest, default=argparse.SUPPRESS, **kwargs)
-        self.group, self.key, self.repeat, self.starts = group, key, repeat, starts
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        groups = getattr(namespace, f"{self.group}_groups", None)
-        if groups is None:
-            groups = []
-            setattr(namespace, f"{self.group}_groups", groups)
-        if self.starts:
-            if groups and not groups[-1].get("_started"):
-                group = groups[-1]  # flags given before the first starter are this group's
-            else:
-                group = {}
-                groups.append(group)
-            group[self.key], group["_started"] = values, True
-            return
-        if not groups:
-            groups.append({})
-        group = groups[-1]
-        if self.repeat:
-            group.setdefault(self.key, []).append(values)
-        elif self.key in group:
-            parser.error(f"{option_string} given twice for --{self.group} {len(groups)}; "
-                         f"each --{self.group} takes its own (see the grammar in --help)")
-        else:
-            group[self.key] = values
-
+from ..core.errors import IPAdapterError
+from .args import _finite, _fraction, _Grouped, _notes, _positive_int, _scale, _seeds, _size
 
 GENERATE_GRAMMAR = """\
 Several adapters and ControlNets (a group grammar):
@@ -236,86 +122,19 @@ def _add_embed_parser(sub) -> None:
     e.add_argument("-o", "--output", required=True, help="output .safetensors file")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse's own convention)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ipadapter", description="IP-Adapter: image prompts for Stable Diffusion (SD 1.x, SDXL).")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def add_parsers(sub) -> None:
+    """``generate``, ``embed``, ``inspect`` and ``convert``."""
     _add_generate_parser(sub)
     _add_embed_parser(sub)
-
     i = sub.add_parser("inspect", help="print an adapter file's kind, tokens, widths, layers, parameters")
     i.add_argument("file")
-
     c = sub.add_parser("convert", help="rewrite any readable adapter layout as official .safetensors")
     c.add_argument("input")
     c.add_argument("output")
-    from .evaluate import add_eval_parser  # `ipadapter eval`: evaluate.py owns its flags
-
-    add_eval_parser(sub)
-    from .ui import add_ui_parser  # `ipadapter ui`: ui.py owns its flags
-
-    add_ui_parser(sub)
-    from .train import add_train_parser  # `ipadapter train`: train.py owns its flags
-
-    add_train_parser(sub)
-    from .world_family import add_world_parser  # `ipadapter world build|data`
-
-    add_world_parser(sub)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    finished = False
-    try:
-        from .evaluate import cmd_eval
-        from .train import cmd_train
-        from .ui import cmd_ui
-        from .world_family import cmd_world
-
-        handler = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
-                   "eval": cmd_eval, "ui": cmd_ui, "embed": cmd_embed, "train": cmd_train,
-                   "world": cmd_world}[args.command]
-        # inspect/convert never load diffusers/transformers: do not pay for importing their logging
-        with _quiet_libraries() if args.command not in ("inspect", "convert") else contextlib.nullcontext():
-            code = handler(args) or 0
-        finished = True
-        return code
-    except IPAdapterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        _close_process_group(wait=finished)  # the others may be elsewhere after an error: no barrier then
-
-
-def _close_process_group(wait: bool) -> None:
-    """End a multi-process run (``accelerate launch``/``torchrun`` train or eval) cleanly: wait for the other
-    processes, then destroy the group. Left to interpreter exit, gloo's threads can be torn down while still
-    joinable and a process dies with SIGABRT ("terminate called without an active exception")."""
-    if "torch" not in sys.modules:  # nothing imported torch: no group can exist
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if wait:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
-
-
-# ------------------------------------------------------------------------------------------------ commands
 def cmd_inspect(args) -> int:
-    from .checkpoint import parameter_count, read_checkpoint
+    from ..core.checkpoint import parameter_count, read_checkpoint
 
     cfg, tensors = read_checkpoint(args.file)
     family = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(cfg.base_family, cfg.base_family or "unknown")
@@ -341,7 +160,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import read_checkpoint, write_checkpoint
+    from ..core.checkpoint import read_checkpoint, write_checkpoint
 
     cfg, tensors = read_checkpoint(args.input)
     out = Path(args.output)
@@ -363,31 +182,12 @@ def _outputs(output: str, count: int, seed: int) -> list[Path]:
     return [out / f"ipadapter-{seed}-{k}.png" for k in range(count)]
 
 
-@contextlib.contextmanager
-def _notes():
-    """Print library notes (an image resized ...) as ``note: ...`` lines on stderr as they happen."""
-    from .controls import IPAdapterNote
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", IPAdapterNote)
-        shown = warnings.showwarning
-
-        def show(message, category, *args, **kwargs):
-            if issubclass(category, IPAdapterNote):
-                print(f"note: {message}", file=sys.stderr)
-            else:
-                shown(message, category, *args, **kwargs)
-
-        warnings.showwarning = show
-        yield
-
-
 def _adapter_groups(args) -> tuple[str, list[dict]]:
     """(model, one dict per adapter group) with the defaults filled in and the counts checked."""
     groups = [dict(g) for g in getattr(args, "adapter_groups", None) or [{}]]
     model = args.model
     if model is None:
-        from .pipeline import embedded_model
+        from ..generation.pipeline import embedded_model
 
         model, default_adapter = embedded_model()
         if groups[0].get("adapter") is None:
@@ -398,7 +198,7 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
                       file=sys.stderr)
     if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
-    from .pipeline import adapter_in_model
+    from ..generation.pipeline import adapter_in_model
 
     for g in groups:
         g["adapter"] = adapter_in_model(g["adapter"], model)
@@ -429,8 +229,8 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
 def cmd_generate(args) -> int:
     import torch
 
-    from .encoders import load_image
-    from .pipeline import ImagePrompt, load, load_pipeline, save_png
+    from ..core.encoders import load_image
+    from ..generation.pipeline import ImagePrompt, load, load_pipeline, save_png
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, groups = _adapter_groups(args)
@@ -525,15 +325,15 @@ def _parameters(args, pipe, model, groups, controls, seed: int, image) -> str:
 def cmd_embed(args) -> int:
     from types import SimpleNamespace
 
-    from .adapter import Adapter
-    from .checkpoint import read_checkpoint
-    from .controls import save_embeds
-    from .encoders import ImageEncoder, load_image
-    from .pipeline import _feature_field, encode_prompt, find_image_encoder
+    from ..core.adapter import Adapter
+    from ..core.checkpoint import read_checkpoint
+    from ..core.encoders import ImageEncoder, load_image
+    from ..generation.controls import save_embeds
+    from ..generation.pipeline import _feature_field, encode_prompt, find_image_encoder
 
     model, adapter = args.model, args.adapter
     if model is None:  # the embedded world model: its encoder, and its adapter unless one is given
-        from .pipeline import embedded_model
+        from ..generation.pipeline import embedded_model
 
         try:
             model, default_adapter = embedded_model()
@@ -568,6 +368,3 @@ def cmd_embed(args) -> int:
     width = getattr(cond, field).shape[-1]
     print(f"wrote {out} ({len(images)} image(s), {field} of width {width}, with their negative)")
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ one-line :class:`IPAdapterError` message on the page (``gr.Error``), never a tra
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import os
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IPAdapterError
+from ..core.errors import IPAdapterError
 
 MAX_IMAGES = 4  # prompt-image slots on the page (each with a weight and a region mask)
 MAX_HISTORY = 48  # results kept per browser session
@@ -105,7 +104,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
     """
     import torch
 
-    from .pipeline import ImagePrompt
+    from ..generation.pipeline import ImagePrompt
 
     slots = form.prompt_images()
     if not slots:
@@ -153,7 +152,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
 
 def _read_image(path: str, what: str, mode: str = "RGB"):
     """Load an upload with the library's safe loader; name it by its file name, not Gradio's cache path."""
-    from .encoders import load_image
+    from ..core.encoders import load_image
 
     try:
         image = load_image(path)
@@ -184,10 +183,10 @@ def page_message(message: str, form: Form | None = None) -> str:
 def resolve_model(model: str | os.PathLike | None, adapter: str | os.PathLike | None) -> tuple[str, str]:
     """(model, adapter) as given, or the embedded world model's; an adapter is required with a model. An adapter
     name that is not a file is looked up in the model folder (``--adapter ip-adapter_pairs.safetensors``)."""
-    from .pipeline import adapter_in_model
+    from ..generation.pipeline import adapter_in_model
 
     if not model:
-        from .pipeline import embedded_model
+        from ..generation.pipeline import embedded_model
 
         default_model, default_adapter = embedded_model()
         return str(default_model), str(adapter_in_model(adapter, default_model) or default_adapter)
@@ -229,7 +228,7 @@ class ModelCache:
     def _load(self, model: str, adapter: str):
         import torch
 
-        from .pipeline import load, load_pipeline
+        from ..generation.pipeline import load, load_pipeline
 
         if not Path(adapter).is_file():
             raise IPAdapterError(f"{adapter}: no such adapter file")
@@ -255,7 +254,7 @@ class Generator:
         """Generate. Returns (one entry per image: path, caption, parameters text, its form; the library's notes)."""
         import warnings
 
-        from .controls import IPAdapterNote
+        from ..generation.controls import IPAdapterNote
 
         model, adapter = (form.model or self.model), (form.adapter or self.adapter)
         if not self.allow_model_change and (model, adapter) != (self.model, self.adapter):
@@ -287,7 +286,7 @@ class Generator:
         return entries, notes
 
     def _save(self, image, text: str, seed: int) -> Path:
-        from .pipeline import save_png
+        from ..generation.pipeline import save_png
 
         with self._count_lock:  # unique names even for two sessions in the same second
             self._count += 1
@@ -348,7 +347,7 @@ def _page_error(e: BaseException, form: Form | None = None):
 
 
 def _is_embedded(model: str) -> bool:
-    from .pipeline import EMBEDDED_MODEL
+    from ..generation.pipeline import EMBEDDED_MODEL
 
     return Path(model).resolve() == EMBEDDED_MODEL.resolve()
 
@@ -610,33 +609,3 @@ def launch(host: str = "127.0.0.1", port: int = 7860, model: str | os.PathLike |
         finally:
             app.close()
     return app, url
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_ui_parser(sub) -> argparse.ArgumentParser:
-    """The ``ui`` subcommand's arguments (``sub``: the CLI's subparsers object)."""
-    from .cli import _positive_int
-
-    u = sub.add_parser("ui", help="start the web page (Gradio) for image prompting, with its HTTP API")
-    u.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
-    u.add_argument("--port", type=_positive_int, default=7860)
-    u.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
-    u.add_argument("--adapter", help="adapter file (default: the world model's global adapter)")
-    u.add_argument("--image-encoder", help="CLIP vision folder (default: the model's, then one beside the adapter)")
-    u.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    u.add_argument("--output", default=None, help="folder that keeps every generated PNG (default: a temp folder)")
-    u.add_argument("--share", action="store_true",
-                   help="also open a public gradio.live link (off by default: anyone with the link can use it)")
-    return u
-
-
-def cmd_ui(args) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise IPAdapterError("the web page needs Gradio: pip install 'ipadapter[ui]'") from None
-    model, adapter = resolve_model(args.model, args.adapter)  # a missing model fails here, before any server
-    launch(args.host, args.port, model, adapter, share=args.share, image_encoder=args.image_encoder,
-           device=args.device, output_dir=args.output, preload=True)
-    return 0

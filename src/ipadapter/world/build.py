@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import world
+from . import shapes as world
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameters of the full run (one H100/H200: about 5 minutes; this 2-core CPU: many hours)
@@ -492,7 +492,7 @@ def encode_pool(vae, images: torch.Tensor, device, batch: int = 512) -> tuple[to
 @torch.no_grad()
 def vae_quality(vae, pool: Pool, device, n: int = 256) -> dict:
     """PSNR of reconstructions (posterior mean) and how often the parser reads them like the originals."""
-    from .world_parse import parse
+    from .parse import parse
 
     x = to_unit(pool.images[:n].to(device))
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -734,7 +734,7 @@ def evaluate_base(model_dir: str | Path, n: int = 48, device: str = "cpu", steps
     """
     from diffusers import StableDiffusionPipeline
 
-    from .world_parse import parse
+    from .parse import parse
 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import AdapterState, IPAttnProcessor, IPLayer, Runtime
+from .attention import AdapterState, IPAttnProcessor, Runtime, ip_layers
 from .checkpoint import read_checkpoint, write_checkpoint
 from .config import AdapterConfig
 from .errors import IPAdapterError
@@ -61,19 +61,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.config = config
         self.image_proj = build_projection(config)
-        layers: dict[str, IPLayer] = {}
-        for index in sorted(set(config.layer_widths) | set(config.lora_layers)):
-            if index in config.layer_widths:
-                width, cross = config.layer_widths[index], config.cross_attention_dim
-                if config.attention == "concat":  # the "simple adapter": no image K/V of its own
-                    layers[str(index)] = IPLayer(width, None)
-                    continue
-            else:  # self-attention LoRA (FaceID): same width as the block's cross-attention layer
-                width = config.layer_widths.get(index + 1) or config.layer_widths.get(index - 1)
-                cross = None
-            rank = config.lora_layers.get(index, 0)
-            layers[str(index)] = IPLayer(width, cross, rank, kv_in=cross or width)
-        self.ip_adapter = nn.ModuleDict(layers)
+        self.ip_adapter = nn.ModuleDict(ip_layers(config))
         self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()}, concat=config.attention == "concat")
 
     # ------------------------------------------------------------------------------------------ creation

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,19 +41,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import IPAdapterError
+from ..core.errors import IPAdapterError, IPAdapterNote, note  # noqa: F401 - IPAdapterNote re-exported
 
 COMBINE_MODES: tuple[str, ...] = ("concat", "average", "norm-average")
 CURVES: tuple[str, ...] = ("constant", "linear", "ease-in", "ease-out")
 PRESETS: tuple[str, ...] = ("style", "composition")
-
-
-class IPAdapterNote(UserWarning):
-    """Something was adjusted for the user (an image resized, ...): the CLI prints it as ``note: ...``."""
-
-
-def note(message: str) -> None:
-    warnings.warn(" ".join(message.split()), IPAdapterNote, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------- combine
@@ -271,7 +262,7 @@ def fit_image(image: Image.Image, size: tuple[int, int], what: str, resample=Ima
 
 def load_mask(source, size: tuple[int, int] | None = None, what: str = "mask") -> torch.Tensor:
     """A grayscale mask [H, W] in [0, 1] from a file, a PIL image or a tensor; resized (with a note) to ``size``."""
-    from .encoders import load_image
+    from ..core.encoders import load_image
 
     if torch.is_tensor(source):
         t = source.detach().float()
@@ -332,7 +323,7 @@ def load_embeds(path: str | os.PathLike):
     """(cond, uncond, metadata) from a file written by :func:`save_embeds` (``ipadapter embed``)."""
     from safetensors import safe_open
 
-    from .encoders import Features
+    from ..core.encoders import Features
 
     path = Path(path)
     if not path.is_file():

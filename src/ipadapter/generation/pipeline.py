@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..core.adapter import Adapter, attach, detach, runtime_of, unet_layers
+from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
+from ..core.errors import IPAdapterError
 from . import controls
-from .adapter import Adapter, attach, detach, runtime_of, unet_layers
-from .encoders import Features, ImageEncoder, load_face_embeddings, load_image
-from .errors import IPAdapterError
 
 
 # ------------------------------------------------------------------------------------------ model loading
@@ -598,7 +598,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Pa
     return path
 
 
-EMBEDDED_MODEL = Path(__file__).parent / "world_model"
+EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"
 
 
 def embedded_model() -> tuple[Path, Path]:
