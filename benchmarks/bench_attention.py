@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ipadapter.core.adapter import Adapter, attach
+from ipadapter.bases import attach, new_adapter
+from ipadapter.core.adapter import Adapter
 from ipadapter.core.encoders import Features
 
 # SD 1.5 shape, scaled down in width only: the cross-attention width (768) and the image-token counts are the real
@@ -108,7 +109,7 @@ def run_kind(bare, kind: Kind, args, device: str, sync: Callable[[], None]) -> d
     latent = bare.config.sample_size
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    adapter = Adapter.for_unet(bare, kind.name, embed_dim=kind.embed_dim, num_tokens=kind.num_tokens,
+    adapter = new_adapter(bare, kind.name, embed_dim=kind.embed_dim, num_tokens=kind.num_tokens,
                                **kind.overrides)
     adapter.eval()
     cond_f, uncond_f = features(kind, gen, device)

@@ -171,7 +171,7 @@ def worker_naive(a) -> dict:
     from PIL import Image
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPTextModel, CLIPVisionModelWithProjection
 
-    from ipadapter.core.adapter import Adapter, attach
+    from ipadapter.bases import attach, new_adapter
     from ipadapter.training.data import BatchOrder
     from ipadapter.training.train import Models, TrainConfig, Trainee, loss_for, step_draws
 
@@ -188,7 +188,7 @@ def worker_naive(a) -> dict:
     processor = CLIPImageProcessor.from_pretrained(p, subfolder="feature_extractor")
     sched = DDPMScheduler.from_pretrained(p, subfolder="scheduler")
     torch.manual_seed(0)
-    adapter = Adapter.for_unet(unet, "global", embed_dim=vision.config.projection_dim)
+    adapter = new_adapter(unet, "global", embed_dim=vision.config.projection_dim)
     attach(unet, adapter)
     unet.to(dtype=dtype)
     adapter.float().requires_grad_(True)
@@ -252,7 +252,7 @@ def worker_bare(a) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ipadapter.core.adapter import Adapter, attach
+    from ipadapter.bases import attach, new_adapter
 
     device = torch.device(a.device)
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
@@ -261,7 +261,7 @@ def worker_bare(a) -> dict:
     from transformers import CLIPVisionConfig
 
     embed = CLIPVisionConfig.from_pretrained(str(a.workdir / "model" / "image_encoder")).projection_dim
-    adapter = Adapter.for_unet(unet, "global", embed_dim=embed)
+    adapter = new_adapter(unet, "global", embed_dim=embed)
     attach(unet, adapter)
     unet.to(dtype=dtype)
     adapter.float().requires_grad_(True)

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter.core.adapter import Adapter, detach, unet_layers
+from ipadapter.bases import detach, unet_layers
+from ipadapter.core.adapter import Adapter
 from ipadapter.core.config import AdapterConfig, guess_base_family
 from ipadapter.testing import random_adapter, tiny_pipeline
 

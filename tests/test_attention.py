@@ -10,8 +10,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from conftest import make_adapter, unet_inputs
-from ipadapter.core.adapter import attach, attached, detach, unet_layers
-from ipadapter.core.attention import AdapterState, IPAttnProcessor, IPLayer, Runtime
+from ipadapter.bases import attach, attached, detach, unet_layers
+from ipadapter.bases.unet import IPAttnProcessor
+from ipadapter.core.attention import AdapterState, IPLayer, Runtime
 
 WIDTH, CROSS, HEADS = 32, 24, 2
 HEAD_DIM = WIDTH // HEADS

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import ALL_KINDS, PATCH_AND_GLOBAL, cross_layers, diffusers_ip_adapter, make_adapter
+from ipadapter.bases import check
 from ipadapter.core.adapter import Adapter
 from ipadapter.core.checkpoint import parameter_count, read_checkpoint, write_checkpoint
 from ipadapter.core.config import AdapterConfig
@@ -359,11 +360,11 @@ def test_family_names_in_mismatch_message():
                             base_family="sdxl")
         adapter = Adapter(cfg)
     with pytest.raises(IPAdapterError) as info:
-        adapter.check_unet(sd15, "ip-adapter_sdxl.safetensors")
+        check(adapter.config, sd15, "ip-adapter_sdxl.safetensors")
     message = str(info.value)
     assert "(SDXL): 70 cross-attention layers, width 2048" in message
     assert "this UNet: SD 1.5, 16 cross-attention layers, width 768" in message
-    adapter.check_unet(sdxl)  # fits its own family
+    check(adapter.config, sdxl)  # fits its own family
 
 
 def test_layer_width_mismatch_is_named(sd15_pipe):
@@ -372,7 +373,7 @@ def test_layer_width_mismatch_is_named(sd15_pipe):
     other = tiny_unet("sd15", widths=(64, 64, 64, 64))  # same layer count and token width, other layer widths
     adapter = make_adapter(sd15_pipe.unet, "global", encoder=sd15_pipe.image_encoder)
     with pytest.raises(IPAdapterError, match=r"layer 1 should be cross-attention of width 32, this UNet has 64"):
-        adapter.check_unet(other, "a.safetensors")
+        check(adapter.config, other, "a.safetensors")
 
 
 def test_metadata_json_is_our_config(tmp_path, adapters):

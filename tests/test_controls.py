@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ipadapter.core.adapter import unet_layers
+from ipadapter.bases import unet_layers
 from ipadapter.core.encoders import Features
 from ipadapter.core.errors import IPAdapterError
 from ipadapter.generation import controls

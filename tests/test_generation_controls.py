@@ -227,7 +227,7 @@ def test_grayscale_mask_scales_the_image_attention(pairs):
 
 def unet_calls(p, **kwargs) -> list[tuple]:
     """(progress, input sample, timestep, text embeddings, output) of every UNet call of a generation."""
-    from ipadapter.core.adapter import runtime_of
+    from ipadapter.bases import runtime_of
 
     calls = []
 

@@ -14,7 +14,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ipadapter import cli
-from ipadapter.core.adapter import Adapter, attach, unet_layers
+from ipadapter.bases import attach, new_adapter, unet_layers
 from ipadapter.core.checkpoint import read_checkpoint
 from ipadapter.core.errors import IPAdapterError
 from ipadapter.testing import tiny_image_encoder, tiny_unet
@@ -81,7 +81,7 @@ def test_one_draw_drops_image_text_or_both_at_five_percent_each():
 def test_only_the_adapter_gets_gradients_and_kv_start_as_text_kv():
     unet = tiny_unet("sd15")
     encoder = tiny_image_encoder()
-    adapter = Adapter.for_unet(unet, "global", embed_dim=encoder.config.projection_dim)
+    adapter = new_adapter(unet, "global", embed_dim=encoder.config.projection_dim)
     for layer in unet_layers(unet):
         if layer.cross_dim is not None:
             attn = unet.get_submodule(layer.name[: -len(".processor")])
@@ -123,7 +123,7 @@ def test_cached_run_matches_uncached_and_writes_the_official_file(dataset, tmp_p
     assert set(tensors) == set(weights(plain))
     assert all(k.startswith(("image_proj.", "ip_adapter.")) for k in tensors)
     # it trained: the image K/V moved away from the text K/V they started from
-    fresh = Adapter.for_unet(tiny_unet("sd15"), "global", embed_dim=48)
+    fresh = new_adapter(tiny_unet("sd15"), "global", embed_dim=48)
     assert max_diff(fresh.state_dict(), {k: tensors[k] for k in fresh.state_dict()}) > 1e-5
     # the checkpoint folder holds the same official file
     (step, folder), = checkpoints(tmp_path / "cached")

@@ -6,7 +6,8 @@
     image = ip.generate(images=["cat.png"], seed=0)[0]
 """
 
-from .core.adapter import Adapter, attach, detach, unet_layers
+from .bases import attach, detach, unet_layers
+from .core.adapter import Adapter
 from .core.checkpoint import read_checkpoint, write_checkpoint
 from .core.config import AdapterConfig
 from .core.encoders import ImageEncoder, load_image

@@ -121,7 +121,7 @@ def tiny_pipeline(shape: str = "sd15", folder: str | os.PathLike | None = None, 
 
 def random_adapter(unet, kind: str = "global", encoder=None, seed: int = 0, **overrides):
     """An adapter shaped for ``unet`` and ``encoder`` with random (not text-copied) weights."""
-    from .core.adapter import Adapter
+    from .bases import new_adapter
 
     encoder = encoder or tiny_image_encoder()
     embed = encoder.config.projection_dim if kind == "global" else encoder.config.hidden_size
@@ -133,7 +133,7 @@ def random_adapter(unet, kind: str = "global", encoder=None, seed: int = 0, **ov
         overrides.setdefault("resampler_depth", 4)
     num_tokens = overrides.pop("num_tokens", None)
     torch.manual_seed(seed)
-    adapter = Adapter.for_unet(unet, kind, embed_dim=embed, num_tokens=num_tokens, **overrides)
+    adapter = new_adapter(unet, kind, embed_dim=embed, num_tokens=num_tokens, **overrides)
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn_like(p) * 0.2)

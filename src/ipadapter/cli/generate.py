@@ -135,9 +135,10 @@ def add_parsers(sub) -> None:
 
 def cmd_inspect(args) -> int:
     from ..core.checkpoint import parameter_count, read_checkpoint
+    from ..core.config import family_label
 
     cfg, tensors = read_checkpoint(args.file)
-    family = {"sd15": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(cfg.base_family, cfg.base_family or "unknown")
+    family = family_label(cfg.base_family)
     widths = sorted(set(cfg.layer_widths.values()))
     rows = [
         ("file", args.file),

@@ -1,11 +1,12 @@
-"""Decoupled cross-attention: one processor for every adapter kind and any number of adapters.
+"""Decoupled cross-attention, base-agnostic parts: per-layer adapter weights, per-adapter state, helpers.
 
 Z = softmax(Q Kt^T / sqrt(d)) Vt + sum_a scale_a * softmax(Q Ki_a^T / sqrt(d)) Vi_a, before the output projection.
 
 Image tokens never ride on the text embeddings: each attached adapter owns an :class:`AdapterState` holding
 its image keys/values, computed once per generation by :meth:`AdapterState.set_tokens` (not at every denoising
-step) and read by every layer's processor. The text path is the exact op sequence of diffusers'
-``AttnProcessor2_0``, so a zero scale gives the base model bit for bit.
+step) and read by every layer's processor. The processors themselves are the base family's (one per family, for
+every kind and any number of adapters: ``bases/unet.py`` for SD UNets), built from :func:`attend` and
+:func:`layer_masks` here.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class AdapterState:
 
 
 class Runtime:
-    """Per-UNet facts the processors need at call time: denoising progress and latent size (set by a hook)."""
+    """Per-denoiser facts the processors need at call time: denoising progress and latent size (set by the forward
+    pre-hook that ``bases.attach`` installs, from what the family reads off each call)."""
 
     def __init__(self) -> None:
         self._progress: float = 0.0
@@ -193,149 +195,15 @@ class Runtime:
     def progress(self, value: float) -> None:
         self._progress, self._timestep = float(value), None
 
-    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs.get("sample")
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if sample is not None:
-            self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        if timestep is not None:
-            self._timestep = timestep
+    def observe(self, facts) -> None:
+        """Take what the family read from a denoiser call (:class:`~ipadapter.bases.base.CallFacts`)."""
+        if facts.latent_hw is not None:
+            self.latent_hw = facts.latent_hw
+        if facts.timestep is not None:
+            self._timestep = facts.timestep
 
 
-class IPAttnProcessor(nn.Module):
-    """Attention processor for one UNet attention layer carrying one or more adapters' weights."""
-
-    def __init__(self, index: int, runtime: Runtime):
-        super().__init__()
-        self.index = index
-        self.runtime = runtime
-        self.layers = nn.ModuleList()
-        self.states: list[AdapterState] = []
-
-    def add(self, layer: IPLayer, state: AdapterState) -> None:
-        self.layers.append(layer)
-        self.states.append(state)
-
-    def remove(self, state: AdapterState) -> None:
-        keep = [(layer, s) for layer, s in zip(self.layers, self.states) if s is not state]
-        self.layers = nn.ModuleList([layer for layer, _ in keep])
-        self.states = [s for _, s in keep]
-
-    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        delta = None
-        for layer, state in zip(self.layers, self.states):
-            # FaceID LoRA belongs to its adapter: off while the adapter has no prompt or a zero scale, so an
-            # idle or zero-scale adapter leaves the base model exactly
-            if layer.has_lora and state.lora_scale and state.active and state.scale != 0:
-                d = state.lora_scale * getattr(layer, name)(x)
-                delta = d if delta is None else delta + d
-        return delta
-
-    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        is_cross = encoder_hidden_states is not None
-        batch_size, sequence_length, _ = (encoder_hidden_states if is_cross else hidden_states).shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if (d := self._lora("to_q_lora", hidden_states)) is not None:
-            query = query + d
-        if not is_cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        if is_cross:
-            encoder_hidden_states = self._concat_image_tokens(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if (d := self._lora("to_k_lora", encoder_hidden_states)) is not None:
-            key = key + d
-        if (d := self._lora("to_v_lora", encoder_hidden_states)) is not None:
-            value = value + d
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-
-        if is_cross:
-            hidden_states = self._add_image_attention(hidden_states, query, attn.heads, head_dim)
-
-        out = attn.to_out[0](hidden_states)
-        if (d := self._lora("to_out_lora", hidden_states)) is not None:
-            out = out + d
-        hidden_states = attn.to_out[1](out)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-    def _scale(self, state: AdapterState) -> float:
-        # progress only matters under a schedule, and reading it may wait for the GPU (see Runtime.progress)
-        return state.effective_scale(self.index, self.runtime.progress if state.schedule is not None else 0.0)
-
-    def _concat_image_tokens(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The "simple adapter" ablation: image tokens appended to the text tokens (shared text K/V)."""
-        extra = []
-        for state in self.states:
-            if state.concat and state.active and self._scale(state) != 0:
-                hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
-                tokens, _ = state.keys_values(self.index, encoder_hidden_states.shape[0], hint)
-                extra.append(tokens.flatten(1, 2).to(encoder_hidden_states.dtype))
-        return torch.cat([encoder_hidden_states, *extra], dim=1) if extra else encoder_hidden_states
-
-    def _add_image_attention(self, hidden_states, query, heads: int, head_dim: int) -> torch.Tensor:
-        batch, seq = hidden_states.shape[:2]
-        for state in self.states:
-            if not state.active or state.concat or self.index not in state.kv:
-                continue
-            scale = self._scale(state)
-            if scale == 0:
-                continue
-            hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
-            k, v = state.keys_values(self.index, batch, hint)  # [batch, n_images, T, W]
-            weights = state.image_weights
-            if state.masks is None:
-                bias = None
-                if weights is not None:  # [n*T] additive logits, shared by every query
-                    bias = torch.log(weights.to(query)).repeat_interleave(k.shape[2]).view(1, 1, 1, -1)
-                out = _attend(query, k.flatten(1, 2), v.flatten(1, 2), heads, head_dim, bias)
-                out = out.to(query.dtype)
-                # scale 1 (the default) skips a multiply that would give the very same values: one kernel less per
-                # layer and step, which counts where the UNet is launch-bound (small latents on a GPU)
-                hidden_states = hidden_states + (out if scale == 1 else scale * out)
-                continue
-            masks = layer_masks(state.masks, seq, self.runtime.latent_hw).to(query)  # [n_images, seq]
-            if weights is not None:
-                masks = masks * weights.to(query)[:, None]
-            for j in range(k.shape[1]):
-                out = _attend(query, k[:, j], v[:, j], heads, head_dim).to(query.dtype)
-                hidden_states = hidden_states + scale * out * masks[j, None, :, None]
-        return hidden_states
-
-
-def _attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int,
+def attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int,
             bias: torch.Tensor | None = None) -> torch.Tensor:
     b = query.shape[0]
     k = k.view(b, -1, heads, head_dim).transpose(1, 2)

@@ -97,11 +97,20 @@ class AdapterConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def describe(self) -> str:
-        family = {"sd15": "SD 1.x", "sdxl": "SDXL", "sd2": "SD 2.x"}.get(self.base_family, "a UNet")
+        family = family_label(self.base_family)
         return (
             f"{self.kind} adapter ({family}): {self.num_layers} cross-attention layers, "
             f"width {self.cross_attention_dim}, {self.num_tokens} tokens"
         )
+
+
+#: base_family key -> the one name every message, log line and ``inspect`` uses for it
+FAMILY_LABELS: dict[str, str] = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "custom": "custom UNet"}
+
+
+def family_label(base_family: str) -> str:
+    """The name users read for a ``base_family`` key ("" or an unknown key: "unknown base")."""
+    return FAMILY_LABELS.get(base_family, base_family or "unknown base")
 
 
 def guess_base_family(cross_attention_dim: int, num_layers: int) -> str:

@@ -15,19 +15,7 @@
 - masks: grayscale region masks (any mode, 0..255 -> 0..1) and the resizing of every side image to the output
   size, each resize reported as an :class:`IPAdapterNote`.
 - embeddings files: encoder features of prompt images with their negative, written as ``.safetensors``.
-
-Style and composition blocks (InstantStyle). On SDXL the InstantStyle authors found style in
-``up_blocks.0.attentions.1`` and layout in ``down_blocks.2.attentions.1``: the second attention of the first
-up stage and of the last down stage, both at the UNet's coarsest attention resolution (32x32 tokens at 1024 px),
-each ten transformer layers deep. SD 1.x/2.x have attention in down_blocks.0-2 and up_blocks.1-3 (plus the
-middle block); the stages at the same place in the U are ``down_blocks.2`` (the last down stage with attention)
-and ``up_blocks.1`` (the first up stage with attention), 16x16 tokens at 512 px. Their attentions are one
-transformer layer each, so a single one carries about a tenth of what SDXL's does: the SD 1.x presets take the
-whole stage. ``style`` = ``up_blocks.1`` and ``composition`` = ``down_blocks.2``, which is also what the
-InstantStyle authors' own SD 1.5 script uses (its style+layout variant adds the mid block), and ComfyUI's SD 1.5
-"composition" weights the same two attentions (0.25 and 1). The rule is structural, not by name: the first up
-stage and the last down stage that have attentions, whatever the UNet; SDXL-like UNets (no attention in
-down_blocks.0) take their ``.attentions.1``.
+- The presets' blocks are the base family's (``bases/unet.py`` explains the UNet's: InstantStyle's choice).
 """
 
 from __future__ import annotations
@@ -133,30 +121,6 @@ def _matches(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _stages(layers: Sequence, side: str) -> list[int]:
-    return sorted({int(layer.name.split(".")[1]) for layer in layers if layer.name.startswith(side + "_blocks.")})
-
-
-def preset_blocks(layers: Sequence, preset: str) -> list[str]:
-    """Block prefixes of a preset for this UNet (see the module docstring for the choice)."""
-    cross = _cross_layers(layers)
-    names = [layer.name for layer in cross]
-    downs, ups = _stages(cross, "down"), _stages(cross, "up")
-    if preset == "style":
-        if not ups:
-            raise IPAdapterError("--blocks style: this UNet has no up block with attention")
-        stage = f"up_blocks.{ups[0]}"
-    elif preset == "composition":
-        if not downs:
-            raise IPAdapterError("--blocks composition: this UNet has no down block with attention")
-        stage = f"down_blocks.{downs[-1]}"
-    else:
-        raise IPAdapterError(f"--blocks {preset!r}: unknown preset; use one of {', '.join(PRESETS)}")
-    sdxl_like = bool(downs) and downs[0] != 0  # SDXL: no attention in down_blocks.0, deep transformer stacks
-    second = f"{stage}.attentions.1"
-    if sdxl_like and any(_matches(n, second) for n in names):
-        return [second]
-    return [stage]
 
 
 def _from_diffusers(spec: Mapping) -> dict[str, float]:
@@ -205,14 +169,18 @@ def parse_blocks(text: str) -> dict[str, float]:
     return out
 
 
-def block_scales(layers: Sequence, spec: str | Mapping | None) -> dict[int, float]:
+def block_scales(layers: Sequence, spec: str | Mapping | None, family=None) -> dict[int, float]:
     """Per-layer multipliers {processor index: scale} for every cross-attention layer of a UNet.
 
     ``layers``: :func:`ipadapter.adapter.unet_layers` of the UNet. ``spec``: a string for :func:`parse_blocks`,
     a flat {block prefix or preset: scale} map, or diffusers' nested dict. Each layer takes the scale of the
     most specific entry naming it (a preset counts as the blocks it stands for; ``*`` is the least specific);
     layers no entry names get 0, as in diffusers and InstantStyle, where naming blocks means "only these".
+    ``family``: the base family whose presets the names mean (default: the UNet family).
     """
+    from ..bases.unet import UNET
+
+    family = family or UNET
     cross = _cross_layers(layers)
     if spec is None:
         return {}
@@ -228,7 +196,7 @@ def block_scales(layers: Sequence, spec: str | Mapping | None) -> dict[int, floa
     for name, scale in flat.items():
         alias = {"mid": "mid_block", "down": "down_blocks", "up": "up_blocks"}.get(name, name)
         if alias in PRESETS:
-            entries += [(prefix, scale) for prefix in preset_blocks(cross, alias)]
+            entries += [(prefix, scale) for prefix in family.preset_blocks(cross, alias)]
         elif alias == "*":
             entries.append(("*", scale))
         elif any(_matches(layer.name, alias) for layer in cross):

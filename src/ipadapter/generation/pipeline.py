@@ -39,20 +39,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..core.adapter import Adapter, attach, detach, runtime_of, unet_layers
+from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
+from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
+from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError
 from . import controls
 
 
 # ------------------------------------------------------------------------------------------ model loading
-def is_sdxl(pipe_or_dir) -> bool:
-    if isinstance(pipe_or_dir, (str, os.PathLike)):
-        index = Path(pipe_or_dir) / "model_index.json"
-        return index.is_file() and "XL" in index.read_text()
-    return hasattr(pipe_or_dir, "text_encoder_2")
-
-
 def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
                   image_encoder: bool = True):
     """A diffusers text-to-image pipeline from a local folder or a hub id (SD 1.x/2.x or SDXL, detected).
@@ -75,8 +70,10 @@ def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dt
             raise IPAdapterError(f"{path}: cannot load the model ({' '.join(str(e).split())[:160]})") from None
     else:
         pipe = _from_hub(str(model), kwargs)
-    if not hasattr(pipe, "unet"):
-        raise IPAdapterError(f"{model}: not a UNet text-to-image model (IP-Adapter needs SD 1.x, 2.x or SDXL)")
+    try:
+        family_of(pipe)  # a one-line error for a model no base family serves
+    except IPAdapterError as e:
+        raise IPAdapterError(f"{model}: {e}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -222,6 +219,8 @@ class IPAdapter:
 
     def __init__(self, pipe, adapters: Sequence[Adapter], image_encoder: ImageEncoder | None = None):
         self.pipe = pipe
+        self.family = family_of(pipe)
+        self.denoiser = getattr(pipe, self.family.denoiser_attr)
         self.adapters = list(adapters)
         self.image_encoder = image_encoder
         self._variants: dict[tuple, object] = {}
@@ -229,14 +228,14 @@ class IPAdapter:
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
-            attach(pipe.unet, adapter)
-        runtime = runtime_of(pipe.unet)
+            attach(self.denoiser, adapter)
+        runtime = runtime_of(self.denoiser)
         runtime.num_train_timesteps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
         self._follow(pipe)
 
     def _follow(self, pipe) -> None:
         """The adapter reads whether guidance is on from the pipeline that runs (see :meth:`pipeline_for`)."""
-        runtime_of(self.pipe.unet).cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        runtime_of(self.denoiser).cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -312,7 +311,8 @@ class IPAdapter:
         scale = check_scale(prompt.scale)
         mode = controls.check_combine(prompt.combine)
         sched = controls.schedule(prompt.start, prompt.end, prompt.curve)
-        layer_scales = controls.block_scales(unet_layers(self.pipe.unet), prompt.blocks) if prompt.blocks else {}
+        layers = self.family.layers(self.denoiser)
+        layer_scales = controls.block_scales(layers, prompt.blocks, self.family) if prompt.blocks else {}
         cond, uncond = self.features(target, prompt)
         n = _count(cond)
         weights = controls.check_weights(prompt.weights, n)
@@ -355,7 +355,7 @@ class IPAdapter:
     def detach(self) -> None:
         self.clear()
         for adapter in self.adapters:
-            detach(self.pipe.unet, adapter)
+            detach(self.denoiser, adapter)
         self.adapters = []
 
     # ------------------------------------------------------------------------------------------ pipelines
@@ -378,12 +378,7 @@ class IPAdapter:
         return pipe
 
     def _build(self, mode: str, nets: list):
-        import diffusers
-
-        family = "StableDiffusionXL" if is_sdxl(self.pipe) else "StableDiffusion"
-        kind = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
-        name = f"{family}{'ControlNet' if nets else ''}{kind}Pipeline"
-        cls = getattr(diffusers, name)
+        cls = self.family.pipeline_class(self.pipe, mode, bool(nets))
         if type(self.pipe) is cls and not nets:
             return self.pipe
         extra = {"controlnet": nets[0] if len(nets) == 1 else nets} if nets else {}
@@ -402,7 +397,7 @@ class IPAdapter:
 
     def output_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
         """(width, height): as given, else the model's default (UNet sample size x VAE factor)."""
-        default = int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 8))
+        default = self.family.default_size(self.pipe)
         return int(width or default), int(height or default)
 
     # -------------------------------------------------------------------------------------------- generate
@@ -555,10 +550,11 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
     has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file), or False
     for none at all (every prompt then comes as precomputed embeddings).
     """
+    denoiser = denoiser_of(pipe)
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
     loaded = [a if isinstance(a, Adapter) else Adapter.from_file(a) for a in items]
     for item, adapter in zip(items, loaded):
-        adapter.check_unet(pipe.unet, source=str(item) if not isinstance(item, Adapter) else "adapter")
+        check(adapter.config, denoiser, source=str(item) if not isinstance(item, Adapter) else "adapter")
     needs_encoder = any(not a.config.uses_face_id or a.config.uses_patch_features for a in loaded)
     encoder = None
     if image_encoder is False:
@@ -573,8 +569,7 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         first = next((i for i in items if not isinstance(i, Adapter)), None)
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
-        unet_param = next(pipe.unet.parameters())
-        encoder.model.to(unet_param.device)
+        encoder.model.to(next(denoiser.parameters()).device)
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     return IPAdapter(pipe, loaded, encoder)

@@ -4,7 +4,7 @@ A batch from disk to loss, in reading order:
 
 1. :class:`TrainConfig` - every knob, a plain value; a JSON file and CLI flags fill it.
 2. :func:`load_models` - the frozen UNet and noise schedule (and VAE, text and image encoders when features must
-   be computed); :meth:`Adapter.for_unet` builds the adapter with its image K/V copied from the text K/V.
+   be computed); :func:`ipadapter.bases.new_adapter` builds the adapter with its image K/V copied from the text K/V.
 3. ``data.BatchOrder`` - which items form global batch ``k`` (a pure function of seed and ``k``); each rank
    takes its rows.
 4. Features of those items: gathered from the cache (``cache.py``; built once by :func:`encode`) or computed now
@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.adapter import Adapter, attach, runtime_of
+from ..bases import FAMILIES, BaseFamily, attach, family_for_index, new_adapter, runtime_of
+from ..bases.unet import UNET
+from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder
 from ..core.errors import IPAdapterError
 from . import data as D
@@ -191,6 +193,9 @@ class Models:
     tokenizers: list = field(default_factory=list)
     image_encoder: ImageEncoder | None = None
     pipeline: object | None = None  # for validation, built the first time it runs
+    family: BaseFamily = field(default_factory=lambda: UNET)  # the family that loaded the denoiser and conditions it
+    variant: str = ""  # its name for the model ("SD 1.5", "SDXL", "custom UNet", ...)
+    extra: dict = field(default_factory=dict)  # the family's facts about the model (TrainingParts.extra)
 
 
 def _read_json(path: Path) -> dict:
@@ -201,23 +206,20 @@ def _read_json(path: Path) -> dict:
 
 
 def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Models:
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
+    """The frozen denoiser and noise schedule, loaded by the model folder's base family."""
     path = Path(cfg.model)
     if not (path / "model_index.json").is_file():
         raise IPAdapterError(f"--model {path}: not a diffusers model folder (no model_index.json)")
-    sdxl = "XL" in _read_json(path / "model_index.json").get("_class_name", "")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
-        noise = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
-    except Exception as e:  # noqa: BLE001 - a broken folder is bad input
-        raise IPAdapterError(f"--model {path}: cannot load the UNet or scheduler ({' '.join(str(e).split())[:150]})") \
-            from None
+    family = family_for_index(_read_json(path / "model_index.json"))
+    if family is None:
+        raise IPAdapterError(f"--model {path}: not a model IP-Adapter trains here (supported: "
+                             f"{'; '.join(f.title for f in FAMILIES)})")
+    parts = family.load_training_parts(path, device)
     vae = _read_json(path / "vae" / "config.json")
-    return Models(path, unet.requires_grad_(False).eval().to(device), sdxl,
-                  noise.alphas_cumprod.to(device, torch.float32), noise.config.prediction_type,
+    return Models(path, parts.denoiser, bool(parts.extra.get("sdxl")), parts.alphas_cumprod, parts.prediction_type,
                   float(vae.get("scaling_factor", 0.18215)), float(vae.get("shift_factor") or 0.0),
-                  2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), device, dtype)
+                  2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), device, dtype, family=family,
+                  variant=parts.variant, extra=parts.extra)
 
 
 def load_encoders(m: Models, cfg: TrainConfig, need_image: bool) -> None:
@@ -225,15 +227,10 @@ def load_encoders(m: Models, cfg: TrainConfig, need_image: bool) -> None:
     if m.vae is not None:
         return
     from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     try:
         m.vae = AutoencoderKL.from_pretrained(str(m.path), subfolder="vae")
-        names = ("", "_2") if m.sdxl else ("",)
-        m.tokenizers = [AutoTokenizer.from_pretrained(str(m.path), subfolder=f"tokenizer{n}") for n in names]
-        m.text_encoders = [CLIPTextModel.from_pretrained(str(m.path), subfolder="text_encoder")]
-        if m.sdxl:
-            m.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(str(m.path), subfolder="text_encoder_2"))
+        m.tokenizers, m.text_encoders = m.family.load_text_encoders(m.path, m.extra)
     except Exception as e:  # noqa: BLE001
         detail = " ".join(str(e).split())[:150]
         raise IPAdapterError(f"--model {m.path}: cannot load the VAE or text encoders ({detail})") from None
@@ -284,21 +281,13 @@ def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
         embed = enc.projection_dim if cfg.kind == "global" else enc.hidden_size
         tokens = cfg.num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if cfg.kind == "full" else None)
     torch.manual_seed(cfg.seed)  # the projection's initial weights
-    return Adapter.for_unet(unet, cfg.kind, embed_dim=embed, num_tokens=tokens, **overrides)
+    return new_adapter(unet, cfg.kind, embed_dim=embed, num_tokens=tokens, **overrides)
 
 
 # -------------------------------------------------------------------------------------------------- features
-@torch.no_grad()
 def encode_text(m: Models, ids: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x: the text encoder's last hidden state. SDXL: both encoders' penultimate states + pooled."""
-    if not m.sdxl:
-        return {"text": m.text_encoders[0](ids[0].to(m.device))[0].float()}
-    states, pooled = [], None
-    for encoder, tokens in zip(m.text_encoders, ids):
-        out = encoder(tokens.to(m.device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # text_embeds of the projection model
-    return {"text": torch.cat(states, -1).float(), "pooled": pooled.float()}
+    """The text conditioning the base family reads (SD 1.x: last hidden state; SDXL: two encoders + pooled)."""
+    return m.family.encode_text(m.text_encoders, ids, m.device, m.extra)
 
 
 @torch.no_grad()
@@ -396,10 +385,7 @@ def loss_for(model: nn.Module, m: Models, cfg: TrainConfig, feats: dict, uncond:
     image = feats["image"]
     image = torch.where(drop_image.view(-1, *[1] * (image.ndim - 1)), uncond["image"].to(image), image)
     text = torch.where(drop_text[:, None, None], uncond["text"].to(feats["text"]), feats["text"]).to(m.dtype)
-    added = None
-    if m.sdxl:
-        pooled = torch.where(drop_text[:, None], uncond["pooled"].to(feats["pooled"]), feats["pooled"])
-        added = {"text_embeds": pooled.to(m.dtype), "time_ids": feats["time_ids"].to(m.dtype)}
+    added = m.family.added_conditioning(feats, uncond, drop_text, m.dtype, m.extra)
     pred = model(noisy, d["t"], text, image, added)
     return F.mse_loss(pred.float(), target.float())
 
@@ -684,7 +670,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
         m.unet.to(dtype=frozen)  # the frozen weights in the compute type; the adapter stays fp32 (master weights)
     adapter.float().requires_grad_(True)
     params = list(adapter.parameters())
-    log(f"model {m.path} ({'SDXL' if m.sdxl else 'SD 1.x'}, {m.prediction_type}); {adapter.config.describe()}, "
+    log(f"model {m.path} ({m.variant}, {m.prediction_type}); {adapter.config.describe()}, "
         f"{sum(p.numel() for p in params):,} trainable parameters; {world} process(es) on {device}")
 
     # ---- data: the items, their buckets, and features (cached or computed per batch)

@@ -1,0 +1,143 @@
+"""The base-family interface: the few questions a denoiser family answers, and nothing else knows the family.
+
+A family (SD 1.x/2.x/SDXL UNets, and later Flux, SD3 ...) is one module in ``bases/`` holding one subclass of
+:class:`BaseFamily`, registered with one line in ``bases/__init__.py``. The adapter (``core/``), generation,
+training and the CLI ask the family of the denoiser in hand:
+
+- which attention layers may get image attention, with the official checkpoint index of each (:meth:`layers`);
+- the family's attention processor, one for every adapter kind (:meth:`processor`), and how it is installed;
+- what a forward call tells the adapter (:meth:`read_call`: latent size, timestep);
+- whether an adapter file fits, in words users know (:meth:`label`, :meth:`check`), and the shape of a new one;
+- per-block presets, which diffusers pipeline class serves a mode, how a model folder is recognised;
+- what a training step needs (:class:`TrainingParts`: the denoiser, its text conditioning, the loss target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One attention layer of a denoiser, as the adapter sees it."""
+
+    index: int  # the official checkpoint index ("ip_adapter.<index>.*")
+    name: str  # processor name, e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"
+    width: int  # attention inner width (rows of to_k_ip)
+    cross_dim: int | None  # width of the tokens it attends to; None for self-attention
+
+    @property
+    def block(self) -> str:
+        """The block path per-block scales name, e.g. "down_blocks.2.attentions.1" or "mid_block.attentions.0"."""
+        return ".".join(self.name.split(".")[:3])
+
+    @property
+    def module_name(self) -> str:
+        """The attention module's name in the denoiser (the processor name without ".processor")."""
+        return self.name[: -len(".processor")] if self.name.endswith(".processor") else self.name
+
+
+@dataclass
+class CallFacts:
+    """What one forward call of the denoiser tells the adapter (read by the forward pre-hook)."""
+
+    latent_hw: tuple[int, int] | None = None
+    timestep: Any = None
+
+
+@dataclass
+class TrainingParts:
+    """The frozen pieces a training step needs, as the family loads them from a model folder."""
+
+    denoiser: nn.Module
+    variant: str  # the family's own name for the model in hand ("SD 1.x", "SDXL", ...)
+    alphas_cumprod: torch.Tensor  # [T]
+    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    extra: dict = field(default_factory=dict)  # the family's own facts about the model, handed back to its methods
+
+
+class BaseFamily:
+    """One denoiser family. Subclasses override what differs; the defaults serve diffusers' attention models."""
+
+    name: str = ""
+    title: str = ""  # what it serves, in words ("SD 1.x, SD 2.x and SDXL UNets")
+    #: the pipeline attribute holding the denoiser ("unet", "transformer")
+    denoiser_attr: str = "unet"
+
+    # ------------------------------------------------------------------------------------------- recognising
+    def recognises(self, denoiser: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def recognises_index(self, model_index: dict) -> bool:
+        """Whether a diffusers folder's ``model_index.json`` is a model of this family."""
+        return self.denoiser_attr in model_index
+
+    def label(self, denoiser: nn.Module) -> str:
+        """The model's name in every message, log line and ``inspect`` ("SD 1.5", "SDXL", ...)."""
+        raise NotImplementedError
+
+    def describe(self, denoiser: nn.Module) -> str:
+        cross = [layer for layer in self.layers(denoiser) if layer.cross_dim is not None]
+        width = cross[0].cross_dim if cross else 0
+        return f"{self.label(denoiser)}, {len(cross)} cross-attention layers, width {width}"
+
+    # ---------------------------------------------------------------------------------------------- layers
+    def layers(self, denoiser: nn.Module) -> list[Layer]:
+        raise NotImplementedError
+
+    def processor(self, layer: Layer, runtime) -> nn.Module:
+        raise NotImplementedError
+
+    def processors(self, denoiser: nn.Module) -> dict[str, Any]:
+        return dict(denoiser.attn_processors)
+
+    def install(self, denoiser: nn.Module, processors: dict[str, Any]) -> None:
+        denoiser.set_attn_processor(processors)
+
+    def read_call(self, args: tuple, kwargs: dict) -> CallFacts:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ fitting adapters
+    def check(self, config: AdapterConfig, denoiser: nn.Module, source: str = "adapter") -> None:
+        raise NotImplementedError
+
+    def new_config(self, denoiser: nn.Module, kind: str, embed_dim: int, num_tokens: int | None = None,
+                   **overrides) -> AdapterConfig:
+        raise NotImplementedError
+
+    def init_kv(self, adapter, denoiser: nn.Module) -> None:
+        """W'k, W'v <- the layer's own text Wk, Wv (the paper's initialisation of a new adapter)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ generation
+    def preset_blocks(self, layers: list[Layer], preset: str) -> list[str]:
+        raise NotImplementedError
+
+    def pipeline_class(self, pipe, mode: str, controlnet: bool) -> type:
+        raise NotImplementedError
+
+    def default_size(self, pipe) -> int:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------------------------------- training
+    def load_training_parts(self, path, device: torch.device) -> TrainingParts:
+        """The frozen denoiser and its noise schedule, from a diffusers model folder."""
+        raise NotImplementedError
+
+    def load_text_encoders(self, path, extra: dict) -> tuple[list, list]:
+        """(tokenizers, text encoders) the denoiser is conditioned by."""
+        raise NotImplementedError
+
+    def encode_text(self, encoders, ids, device, extra: dict) -> dict:
+        """Token ids -> {"text": the denoiser's text tokens, and whatever else the family conditions on}."""
+        raise NotImplementedError
+
+    def added_conditioning(self, feats: dict, uncond: dict, drop_text: torch.Tensor, dtype, extra: dict) -> dict | None:
+        """The denoiser's extra conditioning for a training batch (None when it takes none)."""
+        return None
