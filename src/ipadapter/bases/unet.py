@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterState, IPLayer, Runtime, attend, layer_masks
+from ..core.attention import AdapterState, IPLayer, Runtime, attend, layer_masks, scale_keys_values
 from ..core.config import AdapterConfig, family_label, guess_base_family
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
@@ -153,11 +153,16 @@ class IPAttnProcessor(nn.Module):
             hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
             k, v = state.keys_values(self.index, batch, hint)  # [batch, n_images, T, W]
             weights = state.image_weights
+            rescaled = state.kv_scaling != "v"  # K and/or V carry the scale instead of the output
             if state.masks is None:
                 bias = None
                 if weights is not None:  # [n*T] additive logits, shared by every query
                     bias = torch.log(weights.to(query)).repeat_interleave(k.shape[2]).view(1, 1, 1, -1)
-                out = attend(query, k.flatten(1, 2), v.flatten(1, 2), heads, head_dim, bias)
+                k, v = k.flatten(1, 2), v.flatten(1, 2)
+                if rescaled:
+                    k, v = scale_keys_values(k, v, scale, state.kv_scaling)
+                    scale = 1
+                out = attend(query, k, v, heads, head_dim, bias)
                 out = out.to(query.dtype)
                 # scale 1 (the default) skips a multiply that would give the very same values: one kernel less per
                 # layer and step, which counts where the UNet is launch-bound (small latents on a GPU)
@@ -167,8 +172,12 @@ class IPAttnProcessor(nn.Module):
             if weights is not None:
                 masks = masks * weights.to(query)[:, None]
             for j in range(k.shape[1]):
-                out = attend(query, k[:, j], v[:, j], heads, head_dim).to(query.dtype)
-                hidden_states = hidden_states + scale * out * masks[j, None, :, None]
+                kj, vj, sj = k[:, j], v[:, j], scale
+                if rescaled:
+                    kj, vj = scale_keys_values(kj, vj, scale, state.kv_scaling)
+                    sj = 1
+                out = attend(query, kj, vj, heads, head_dim).to(query.dtype)
+                hidden_states = hidden_states + sj * out * masks[j, None, :, None]
         return hidden_states
 
 

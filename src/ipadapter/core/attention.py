@@ -99,6 +99,7 @@ class AdapterState:
         # image given k times); with masks, w multiplies image i's own attention output
         self.image_weights: torch.Tensor | None = None
         self.cfg: bool | None = None  # None: infer from the batch size
+        self.kv_scaling: str = "v"  # ComfyUI's embeds_scaling: see KV_SCALINGS and scale_keys_values
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows = 0
         self.has_uncond = False
@@ -122,6 +123,34 @@ class AdapterState:
             elif layer.has_kv:
                 t = tokens.to(layer.to_k_ip.weight.dtype)
                 self.kv[index] = (layer.to_k_ip(t), layer.to_v_ip(t))
+
+    def set_layer_tokens(self, indices, cond: torch.Tensor, uncond: torch.Tensor | None = None) -> None:
+        """Other tokens (same row layout as :meth:`set_tokens`) for some layers: a composition image's."""
+        if cond.ndim == 3:
+            cond = cond[:, None]
+            uncond = uncond[:, None] if uncond is not None else None
+        tokens = cond if uncond is None else torch.cat([uncond.to(cond), cond])
+        if tokens.shape[0] != self.rows:
+            raise ValueError(f"{tokens.shape[0]} token rows for {self.rows}: set the same prompts")
+        self._expanded.clear()
+        for index in indices:
+            layer = self.layers[index]
+            if layer.has_kv and not self.concat:
+                t = tokens.to(layer.to_k_ip.weight.dtype)
+                self.kv[index] = (layer.to_k_ip(t), layer.to_v_ip(t))
+
+    def swap_branches(self, indices) -> None:
+        """At these layers the unconditional rows get the image's K/V and the conditional rows zeros (what the
+        image's zero tokens give: the K/V projections have no bias); ComfyUI's "precise" weight types."""
+        self._expanded.clear()
+        for index in indices:
+            if index not in self.kv:
+                continue
+            swapped = []
+            for t in self.kv[index]:
+                cond = t[self.rows // 2:] if self.has_uncond else t
+                swapped.append(torch.cat([cond, torch.zeros_like(cond)]) if self.has_uncond else torch.zeros_like(t))
+            self.kv[index] = (swapped[0], swapped[1])
 
     @property
     def active(self) -> bool:
@@ -201,6 +230,22 @@ class Runtime:
             self.latent_hw = facts.latent_hw
         if facts.timestep is not None:
             self._timestep = facts.timestep
+
+
+KV_SCALINGS: tuple[str, ...] = ("v", "kv", "kv-penalty", "k-mean-v-penalty")
+
+
+def scale_keys_values(k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's embeds_scaling on one layer's image K/V [b, tokens, W] (``v``, "V only", scales the output
+    instead and never comes here): ``kv`` K and V times the scale; ``kv-penalty`` the same with the scale times
+    W / 1280 (the layer width over SDXL's widest); ``k-mean-v-penalty`` that scale on K and on V's mean over the
+    tokens only (V - mean(V) + scale * mean(V))."""
+    if mode in ("kv-penalty", "k-mean-v-penalty"):
+        scale = scale * (k.shape[-1] / 1280.0)
+    if mode == "k-mean-v-penalty":
+        mean = v.mean(dim=1, keepdim=True)
+        return k * scale, (v - mean) + mean * scale
+    return k * scale, v * scale
 
 
 def attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int,

@@ -1,9 +1,9 @@
 """Per-generation controls over image prompts, as small pure functions (no pipeline in sight).
 
 - combine: several images' encoder features -> what reaches one adapter. ``concat`` keeps every image's tokens
-  side by side (the reference behaviour); ``average`` is the plain mean of the weighted embeddings (ComfyUI's
-  "average"); ``norm-average`` is the weighted mean sum(w_i e_i) / sum(w_i). Averaging happens on the encoder
-  features, before the projection, as ComfyUI does.
+  side by side (the reference behaviour); the others are ComfyUI's combine_embeds on the weighted embeddings
+  (add, subtract, average, norm-average, max, min: see :func:`combine`), on the encoder features, before the
+  projection, as ComfyUI does.
 - image weights in ``concat`` mode: the images share one attention, and image i's tokens get log(w_i) added to
   their attention logits, so a weight of k counts the image exactly as if it were given k times (a weight of 0
   leaves it out). With region masks each image attends on its own and its weight multiplies its output (what
@@ -31,16 +31,18 @@ from PIL import Image
 
 from ..core.errors import IPAdapterError, IPAdapterNote, note  # noqa: F401 - IPAdapterNote re-exported
 
-COMBINE_MODES: tuple[str, ...] = ("concat", "average", "norm-average")
+COMBINE_MODES: tuple[str, ...] = ("concat", "add", "subtract", "average", "norm-average", "max", "min")
 CURVES: tuple[str, ...] = ("constant", "linear", "ease-in", "ease-out")
 PRESETS: tuple[str, ...] = ("style", "composition")
 
 
 # ------------------------------------------------------------------------------------------------- combine
 def check_combine(mode: str, source: str = "--combine") -> str:
-    if mode not in COMBINE_MODES:
+    """Our hyphenated name for ours or ComfyUI's ("norm average" -> "norm-average")."""
+    key = "-".join(str(mode).strip().lower().split())
+    if key not in COMBINE_MODES:
         raise IPAdapterError(f"{source} {mode!r}: unknown mode; use one of {', '.join(COMBINE_MODES)}")
-    return mode
+    return key
 
 
 def check_weights(weights: Sequence[float] | None, count: int, source: str = "--image-weight") -> list[float] | None:
@@ -59,15 +61,32 @@ def check_weights(weights: Sequence[float] | None, count: int, source: str = "--
 
 
 def combine(x: torch.Tensor, weights: Sequence[float] | None, mode: str) -> torch.Tensor:
-    """Embeddings of n images ``[n, ...]`` -> ``[1, ...]`` (average modes) or unchanged (``concat``)."""
-    check_combine(mode)
+    """Embeddings of n images ``[n, ...]`` -> ``[1, ...]`` (ComfyUI's combine_embeds) or unchanged (``concat``).
+
+    The weights scale each image's embedding first (as ComfyUI's IPAdapterEncoder weight), then: ``add`` the sum,
+    ``subtract`` the first minus the mean of the others, ``average`` the mean, ``norm-average`` the mean of
+    e_i / ||e||, the norm taken per feature across the images (torch.norm over dim 0, as ComfyUI computes it),
+    ``max`` / ``min`` elementwise.
+    """
+    mode = check_combine(mode)
     if mode == "concat":
         return x
+    if mode == "subtract" and x.shape[0] < 2:
+        raise IPAdapterError("--combine subtract: give at least two images (the first minus the mean of the others)")
     w = torch.ones(x.shape[0]) if weights is None else torch.tensor([float(v) for v in weights])
-    w = w.to(x.device, torch.float64).view(-1, *([1] * (x.ndim - 1)))
-    total = (x.double() * w).sum(0, keepdim=True)
-    # average: the weights scale the embeddings, then a plain mean (ComfyUI); norm-average: a weighted mean
-    out = total / (x.shape[0] if mode == "average" else w.sum())
+    e = x.double() * w.to(x.device, torch.float64).view(-1, *([1] * (x.ndim - 1)))
+    if mode == "add":
+        out = e.sum(0, keepdim=True)
+    elif mode == "subtract":
+        out = e[:1] - e[1:].mean(0, keepdim=True)
+    elif mode == "average":
+        out = e.mean(0, keepdim=True)
+    elif mode == "norm-average":
+        out = (e / torch.linalg.vector_norm(e, dim=0, keepdim=True)).nan_to_num(0.0).mean(0, keepdim=True)
+    elif mode == "max":
+        out = e.max(0, keepdim=True).values
+    else:
+        out = e.min(0, keepdim=True).values
     return out.to(x.dtype)
 
 
@@ -250,6 +269,80 @@ def load_mask(source, size: tuple[int, int] | None = None, what: str = "mask") -
     if size is not None:
         img = fit_image(img, size, f"{what} {name}" if name != what else what, Image.Resampling.BILINEAR)
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width).float() / 255.0
+
+
+# ------------------------------------------------------------------------------------------ noise negatives
+NOISES: tuple[str, ...] = ("fade", "dissolve", "gaussian", "shuffle")
+
+
+def _blur(x: torch.Tensor, kernel: int, sigma: float | None = None) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] with reflect padding; sigma defaults to torchvision's rule for a
+    kernel size (0.3 ((k - 1) / 2 - 1) + 0.8)."""
+    kernel += 1 - kernel % 2
+    sigma = sigma if sigma is not None else 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
+    r = torch.arange(kernel, dtype=x.dtype) - (kernel - 1) / 2
+    g = torch.exp(-(r / sigma) ** 2 / 2)
+    g = g / g.sum()
+    pad = kernel // 2
+    y = torch.nn.functional.pad(x[None], (pad, pad, 0, 0), mode="reflect")
+    y = torch.nn.functional.conv2d(y, g.view(1, 1, 1, -1).expand(x.shape[0], 1, 1, -1), groups=x.shape[0])
+    y = torch.nn.functional.pad(y, (0, 0, pad, pad), mode="reflect")
+    return torch.nn.functional.conv2d(y, g.view(1, 1, -1, 1).expand(x.shape[0], 1, -1, 1), groups=x.shape[0])[0]
+
+
+def _elastic(x: torch.Tensor, alpha: float, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """An elastic warp (as torchvision's ElasticTransform): a uniform random displacement field, blurred by
+    sigma, of alpha pixels at most, sampled bilinearly."""
+    _, h, w = x.shape
+    field = torch.rand(2, h, w, generator=gen) * 2 - 1
+    if sigma > 0:
+        field = _blur(field, int(8 * sigma + 1), sigma)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    grid = torch.stack([xs + field[0] * alpha / w, ys + field[1] * alpha / h], dim=-1)[None]
+    return torch.nn.functional.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=True)[0]
+
+
+def noise_image(kind: str, strength: float = 1.0, blur: int = 0, seed: int = 0, base=None,
+                size: int = 224) -> Image.Image:
+    """A negative image from noise (ComfyUI's IPAdapterNoise), reproducible from ``seed``.
+
+    ``base``: the image the noise is laid on (centre-cropped to a square, resized to ``size``), black if None.
+    ``fade`` base (1 - s) + uniform s; ``dissolve`` a fraction s of the pixels replaced by uniform noise;
+    ``gaussian`` base + N(0, 1) s; ``shuffle`` the base elastically warped (alpha 75, sigma (1 - s) 3.5) and
+    flipped both ways, then n = N(0, 1) 0.75 s and base (1 - n) + n. Clamped to [0, 1], then a Gaussian blur of
+    kernel ``blur`` (odd; 0 = none).
+    """
+    from ..core.encoders import load_image, square, to_tensor
+
+    if kind not in NOISES:
+        raise IPAdapterError(f"--negative-noise {kind!r}: use one of {', '.join(NOISES)}")
+    strength = float(strength)
+    if not (0.0 <= strength <= 1.0):
+        raise IPAdapterError(f"--noise-strength {strength}: must be between 0 and 1")
+    if int(blur) < 0 or int(blur) > 32:
+        raise IPAdapterError(f"--noise-blur {blur}: must be a whole number from 0 to 32")
+    if base is None:
+        image = torch.zeros(3, size, size)
+    else:
+        image = to_tensor(square(load_image(base)).resize((size, size), Image.Resampling.BICUBIC))
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    if kind == "fade":
+        out = image * (1 - strength) + torch.rand(image.shape, generator=gen) * strength
+    elif kind == "dissolve":
+        mask = (torch.rand(image.shape, generator=gen) < strength).float()
+        out = image * (1 - mask) + torch.rand(image.shape, generator=gen) * mask
+    elif kind == "gaussian":
+        out = image + torch.randn(image.shape, generator=gen) * strength
+    else:
+        image = _elastic(image, 75.0, (1 - strength) * 3.5, gen).flip(-1).flip(-2)
+        n = torch.randn(image.shape, generator=gen) * (strength * 0.75)
+        out = image * (1 - n) + n
+    out = out.clamp(0, 1)
+    if int(blur) > 0:
+        out = _blur(out, int(blur))
+    arr = (out.permute(1, 2, 0) * 255.0 + 0.5).clamp(0, 255).byte().numpy()
+    return Image.fromarray(arr, "RGB")
 
 
 # --------------------------------------------------------------------------------------- embeddings files

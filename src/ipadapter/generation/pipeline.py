@@ -27,6 +27,7 @@ pipeline's own IP-Adapter path is never used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -162,6 +163,25 @@ class ImagePrompt:
     end: float = 1.0  # ... and stops
     curve: str = "constant"  # constant | linear | ease-in | ease-out, across [start, end]
     blocks: str | Mapping | None = None  # "style", "composition", "down_blocks.2=0.5,*=1", or diffusers' dict
+    # ComfyUI_IPAdapter_plus's controls (docs/controls.md has the table of names)
+    weight_type: str | None = None  # generation.weight_types: "ease-in", "style-transfer", ... (ComfyUI's names too)
+    composition_weight: float | None = None  # weight_composition: the "c" blocks of the weight type (default 1)
+    boost: float | None = None  # style_boost / composition_boost of the precise types (default: scale)
+    composition_images: Sequence = ()  # style and composition: the image for the composition blocks
+    embeds_scaling: str = "v"  # v | kv | kv-penalty | k-mean-v-penalty (ComfyUI: V only, K+V, ...)
+    crop: str | None = None  # encoder prep: center | top | bottom | left | right | pad (None: the processor's)
+    interpolation: str = "lanczos"  # encoder prep resize filter (with crop or sharpen)
+    sharpen: float = 0.0  # encoder prep contrast-adaptive sharpening, 0..1
+    tiles: bool = False  # tiled IP-Adapter: each reference cut into 256 px tiles, each on its own region
+    enhance_tiles: int = 1  # ClipVision enhancer: a tiles x tiles grid of pieces merged with the whole image
+    enhance_ratio: float = 1.0  # ... the whole image's share
+    unfold_batch: bool = False  # image k of the batch gets reference k only
+    encode_batch_size: int = 0  # images per encoder call (0: all at once)
+    negative_noise: str | None = None  # fade | dissolve | gaussian | shuffle: a negative image from noise
+    noise_strength: float = 1.0
+    noise_blur: int = 0
+    noise_seed: int = 0
+    face_images: Sequence = ()  # FaceID: face photos (insightface finds the face; several for Portrait)
 
 
 PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "scale"}
@@ -176,17 +196,18 @@ def check_scale(scale: float) -> float:
 
 
 def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
-                  negative_images: Sequence = ()) -> tuple[Features, Features]:
+                  negative_images: Sequence = (), **options) -> tuple[Features, Features]:
     """(cond, uncond) encoder features of prompt images as an adapter of ``config`` reads them.
 
     The unconditional branch is the reference's (zero embedding / zero pixels) unless negative images are
-    given: one for all the images, or one per image.
+    given: one for all the images, or one per image. ``options`` go to :meth:`ImageEncoder.encode` for the
+    prompt images (prep, batch_size, enhance_tiles, enhance_ratio).
     """
     if not images:
         raise IPAdapterError(f"{config.kind} adapter: no prompt image given")
-    cond, uncond = encoder.encode(config, list(images))
+    cond, uncond = encoder.encode(config, list(images), **options)
     if negative_images:
-        neg, _ = encoder.encode(config, list(negative_images))
+        neg, _ = encoder.encode(config, list(negative_images), batch_size=options.get("batch_size", 0))
         uncond = _broadcast_features(neg, cond)
     return cond, uncond
 
@@ -204,10 +225,102 @@ def _combine_features(features: Features, weights, mode: str) -> Features:
                       for t in (features.image_embeds, features.penultimate, features.face_id)))
 
 
+def _combine_uncond(features: Features) -> Features:
+    """The unconditional rows of combined images: the first row when all are the same (the zero embedding, one
+    negative image: ComfyUI takes the first), else their mean (one negative per image)."""
+    def one(t):
+        if t is None or t.shape[0] == 1:
+            return t
+        return t[:1].clone() if bool((t == t[:1]).all()) else t.mean(0, keepdim=True)
+
+    return Features(*(one(t) for t in (features.image_embeds, features.penultimate, features.face_id)))
+
+
 def _reset(state) -> None:
     state.set_tokens(None)
     state.scale, state.layer_scales, state.schedule = 1.0, {}, None
     state.masks, state.image_weights = None, None
+    state.kv_scaling = "v"
+
+
+def _check_comfy(prompt: ImagePrompt, mode: str, layers):
+    """Check the ComfyUI controls that go together; the weight type's plan (or None)."""
+    from . import weight_types
+
+    if prompt.unfold_batch and (mode != "concat" or prompt.weights or prompt.masks or prompt.tiles
+                                or prompt.composition_images):
+        raise IPAdapterError("--unfold-batch gives image k to batch item k alone: it takes no --combine, "
+                             "--image-weight, --image-mask, --tiles or --composition-image")
+    if prompt.tiles and (mode != "concat" or prompt.weights or int(prompt.enhance_tiles) > 1):
+        raise IPAdapterError("--tiles gives each tile its own tokens and region: it takes no --combine, "
+                             "--image-weight or --enhance-tiles")
+    if int(prompt.enhance_tiles) < 1 or int(prompt.enhance_tiles) > 16:
+        raise IPAdapterError(f"--enhance-tiles {prompt.enhance_tiles}: must be from 1 to 16")
+    if not (0.0 <= float(prompt.enhance_ratio) <= 1.0):
+        raise IPAdapterError(f"--enhance-ratio {prompt.enhance_ratio}: must be between 0 and 1")
+    if int(prompt.encode_batch_size) < 0:
+        raise IPAdapterError(f"--encode-batch-size {prompt.encode_batch_size}: must be >= 0 (0: all at once)")
+    if prompt.weight_type is None:
+        if prompt.composition_images or prompt.composition_weight is not None or prompt.boost is not None:
+            raise IPAdapterError("--composition-image, --composition-weight and --boost go with a --weight-type "
+                                 "(style-and-composition, the precise types)")
+        return None
+    plan = weight_types.resolve(layers, prompt.weight_type, float(prompt.scale), prompt.composition_weight,
+                                prompt.boost)
+    if prompt.composition_images and not plan.composition:
+        raise IPAdapterError(f"--composition-image: --weight-type {prompt.weight_type} has no composition blocks; "
+                             "use style-and-composition or strong-style-and-composition")
+    if prompt.composition_images and (prompt.weights or prompt.masks):
+        raise IPAdapterError("--composition-image takes no --image-weight or --image-mask")
+    return plan
+
+
+def _plan_scales(plan, scale: float, block_scales: dict) -> tuple[float, dict]:
+    """(state.scale, state.layer_scales) for a weight type's absolute per-layer weights (times any --blocks)."""
+    base = scale if scale != 0 else 1.0  # scale 0: the weight's blocks are 0, a composition weight still acts
+    return base, {i: w / base * block_scales.get(i, 1.0) for i, w in plan.weights.items()}
+
+
+def _tiled(prompt: ImagePrompt):
+    """(prompt with its images cut into tiles, their region masks [n, H, W]) or (prompt, None) without tiles."""
+    from ..core.encoders import tile_reference
+
+    if not prompt.tiles:
+        return prompt, None
+    if not prompt.images:
+        raise IPAdapterError("--tiles cuts the --image references into tiles; give at least one")
+    masks = list(prompt.masks or [])
+    if masks and len(masks) != len(prompt.images):
+        raise IPAdapterError(f"{len(masks)} --image-mask for {len(prompt.images)} --image with --tiles: one per image")
+    tiles, regions = [], []
+    for k, image in enumerate(prompt.images):
+        mask = load_image(masks[k]).convert("L") if masks else None
+        t, m = tile_reference(image, mask, float(prompt.sharpen))
+        tiles += t
+        regions.append(m)
+    shape = regions[0].shape[1:]
+    regions = [torch.nn.functional.interpolate(r[:, None], size=shape, mode="bilinear")[:, 0]
+               if r.shape[1:] != shape else r for r in regions]
+    return dataclasses.replace(prompt, images=tiles, masks=None, sharpen=0.0), torch.cat(regions)
+
+
+def _prep(prompt: ImagePrompt):
+    from ..core.encoders import Prep
+
+    if prompt.crop is None and not prompt.sharpen and prompt.interpolation == "lanczos":
+        return None
+    return Prep(prompt.crop or "center", prompt.interpolation, float(prompt.sharpen))
+
+
+def _kv_scaling(mode: str) -> str:
+    from ..core.attention import KV_SCALINGS
+
+    key = {"v only": "v", "k+v": "kv", "k+v w/ c penalty": "kv-penalty",
+           "k+mean(v) w/ c penalty": "k-mean-v-penalty"}.get(" ".join(str(mode).lower().split()), str(mode))
+    if key not in KV_SCALINGS:
+        raise IPAdapterError(f"--embeds-scaling {mode!r}: use one of {', '.join(KV_SCALINGS)} (ComfyUI's V only, "
+                             "K+V, K+V w/ C penalty, K+mean(V) w/ C penalty)")
+    return key
 
 
 class IPAdapter:
@@ -225,6 +338,8 @@ class IPAdapter:
         self.image_encoder = image_encoder
         self._variants: dict[tuple, object] = {}
         self._controlnets: dict[str, object] = {}
+        self.face_analysis = None  # insightface FaceAnalysis (or anything with its interface), loaded on first use
+        self.insightface_root: str | os.PathLike | None = None  # where its model pack lives (default ~/.insightface)
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
@@ -244,23 +359,50 @@ class IPAdapter:
         cfg = adapter.config
         if prompt.embeds is not None:
             return self._embeds(adapter, prompt)
+        options = dict(prep=_prep(prompt), batch_size=int(prompt.encode_batch_size),
+                       enhance_tiles=int(prompt.enhance_tiles), enhance_ratio=float(prompt.enhance_ratio))
         if cfg.uses_face_id:
-            faces = prompt.face_embeds
-            if faces is None:
-                raise IPAdapterError(f"{cfg.kind} adapter: give face-ID embeddings (.npy/.safetensors)")
-            face = load_face_embeddings(faces) if isinstance(faces, (str, os.PathLike)) else faces.float()
-            cond, uncond = Features(face_id=face), Features(face_id=torch.zeros_like(face))
-            if cfg.uses_patch_features:
-                clip_c, clip_u = self._encoder().encode(cfg, prompt.images)
-                if clip_c.penultimate.shape[0] != face.shape[0]:
-                    raise IPAdapterError(
-                        f"{cfg.kind}: {face.shape[0]} face embedding(s) but {clip_c.penultimate.shape[0]} face image(s)"
-                    )
-                cond.penultimate, uncond.penultimate = clip_c.penultimate, clip_u.penultimate
-            return cond, uncond
+            return self._face_features(cfg, prompt, options)
         if not prompt.images:
             raise IPAdapterError(f"{cfg.kind} adapter: no prompt image given")
-        return encode_prompt(cfg, self._encoder(), prompt.images, prompt.negative_images)
+        return encode_prompt(cfg, self._encoder(), prompt.images, self._negatives(prompt), **options)
+
+    def _negatives(self, prompt: ImagePrompt) -> list:
+        """The negative images, or one made from noise on the (first) negative image or on black."""
+        if prompt.negative_noise is None:
+            return list(prompt.negative_images)
+        if len(prompt.negative_images) > 1:
+            raise IPAdapterError("--negative-noise lays noise on one --negative-image (or on black); give one or none")
+        base = prompt.negative_images[0] if prompt.negative_images else None
+        size = int(self._encoder().model.config.image_size) if self.image_encoder is not None else 224
+        return [controls.noise_image(prompt.negative_noise, prompt.noise_strength, prompt.noise_blur,
+                                     prompt.noise_seed, base, size)]
+
+    def _face_features(self, cfg, prompt: ImagePrompt, options: dict) -> tuple[Features, Features]:
+        faces, crops = prompt.face_embeds, list(prompt.images)
+        if prompt.face_images:
+            if faces is not None:
+                raise IPAdapterError("--face-image finds the face embeddings itself; give it or --face-embeds")
+            from ..core.faces import analyse_faces, load_face_analysis
+
+            if self.face_analysis is None:
+                self.face_analysis = load_face_analysis(self.insightface_root)
+            face, aligned = analyse_faces(prompt.face_images, self.face_analysis, 256 if is_sdxl(self.pipe) else 224)
+            crops = crops or aligned
+        elif faces is None:
+            raise IPAdapterError(f"{cfg.kind} adapter: give a face photo (--face-image) or face-ID embeddings "
+                                 "(--face-embeds .npy/.safetensors)")
+        else:
+            face = load_face_embeddings(faces) if isinstance(faces, (str, os.PathLike)) else faces.float()
+        cond, uncond = Features(face_id=face), Features(face_id=torch.zeros_like(face))
+        if cfg.uses_patch_features:
+            clip_c, clip_u = self._encoder().encode(cfg, crops, prep=options["prep"], batch_size=options["batch_size"])
+            if clip_c.penultimate.shape[0] != face.shape[0]:
+                raise IPAdapterError(
+                    f"{cfg.kind}: {face.shape[0]} face embedding(s) but {clip_c.penultimate.shape[0]} face image(s)"
+                )
+            cond.penultimate, uncond.penultimate = clip_c.penultimate, clip_u.penultimate
+        return cond, uncond
 
     def _embeds(self, adapter: Adapter, prompt: ImagePrompt) -> tuple[Features, Features]:
         cfg, source = adapter.config, prompt.embeds
@@ -313,20 +455,41 @@ class IPAdapter:
         sched = controls.schedule(prompt.start, prompt.end, prompt.curve)
         layers = self.family.layers(self.denoiser)
         layer_scales = controls.block_scales(layers, prompt.blocks, self.family) if prompt.blocks else {}
+        kv_scaling = _kv_scaling(prompt.embeds_scaling)
+        plan = _check_comfy(prompt, mode, layers)
+        prompt, tile_masks = _tiled(prompt)
         cond, uncond = self.features(target, prompt)
         n = _count(cond)
         weights = controls.check_weights(prompt.weights, n)
-        masks = self._masks(prompt.masks, n, mode, size)
-        if mode != "concat":
-            cond, uncond = _combine_features(cond, weights, mode), _combine_features(uncond, weights, mode)
+        masks = tile_masks if tile_masks is not None else self._masks(prompt.masks, n, mode, size)
+        if mode != "concat" and not prompt.unfold_batch:
+            cond, uncond = _combine_features(cond, weights, mode), _combine_uncond(uncond)
         image_weights = None
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
         tokens = target.project_pair(cond, uncond)
+        composition = None
+        if plan is not None and plan.composition and prompt.composition_images:
+            comp = dataclasses.replace(prompt, images=list(prompt.composition_images), negative_images=(),
+                                       negative_noise=None, enhance_tiles=1)
+            c_cond, c_uncond = self.features(target, comp)
+            if _count(c_cond) > 1:
+                c_cond = _combine_features(c_cond, None, "average" if mode == "concat" else mode)
+            # ComfyUI: the composition image's tokens in the conditional rows, the prompt's own unconditional ones
+            composition = (target.project_pair(c_cond, _combine_uncond(c_uncond))[0], tokens[1][:1])
         state = target.state
         state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
-        state.masks, state.image_weights = masks, image_weights
-        self.set_tokens(target, *tokens)
+        if plan is not None:
+            state.scale, state.layer_scales = _plan_scales(plan, scale, layer_scales)
+        state.masks, state.image_weights, state.kv_scaling = masks, image_weights, kv_scaling
+        if prompt.unfold_batch:  # one reference per batch item: n prompts of one image each
+            state.set_tokens(tokens[0][:, None], tokens[1][:, None])
+        else:
+            self.set_tokens(target, *tokens)
+        if composition is not None:
+            state.set_layer_tokens(plan.composition, composition[0][None], composition[1][None])
+        if plan is not None and plan.swap:
+            state.swap_branches(plan.swap)
 
     @staticmethod
     def _masks(masks, n: int, mode: str, size: tuple[int, int] | None) -> torch.Tensor | None:
@@ -452,6 +615,10 @@ class IPAdapter:
                     )
             for i, p in enumerate(prompts):
                 self.set_images(adapter=i, prompt=p, size=size)
+                refs = self.adapters[i].state.rows // 2
+                if p.unfold_batch and refs != batch:
+                    raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
+                                         "(prompts x --num-images); give one reference per image")
             return pipe(**call).images
         finally:
             self.clear()
@@ -543,12 +710,15 @@ def _broadcast_features(neg: Features, like: Features) -> Features:
 
 
 def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=None,
-         model_dir: str | os.PathLike | None = None) -> IPAdapter:
+         model_dir: str | os.PathLike | None = None, face_analysis=None,
+         insightface_root: str | os.PathLike | None = None) -> IPAdapter:
     """Attach adapter file(s) to ``pipe``; the image encoder defaults to the pipeline's or the one beside the file.
 
     ``image_encoder``: an :class:`ImageEncoder`, a folder, or None (then ``pipe.image_encoder`` if the pipeline
     has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file), or False
-    for none at all (every prompt then comes as precomputed embeddings).
+    for none at all (every prompt then comes as precomputed embeddings). ``face_analysis``: an insightface
+    ``FaceAnalysis`` (or an object with its interface) for FaceID prompts given as photos; by default it is
+    loaded from ``insightface_root`` (default ``~/.insightface``) on first use.
     """
     denoiser = denoiser_of(pipe)
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
@@ -572,7 +742,9 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         encoder.model.to(next(denoiser.parameters()).device)
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
-    return IPAdapter(pipe, loaded, encoder)
+    ip = IPAdapter(pipe, loaded, encoder)
+    ip.face_analysis, ip.insightface_root = face_analysis, insightface_root
+    return ip
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
