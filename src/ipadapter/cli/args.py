@@ -96,6 +96,8 @@ class _Grouped(argparse.Action):
         self.group, self.key, self.repeat, self.starts = group, key, repeat, starts
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if self.nargs == 0:  # an on/off flag (--tiles)
+            values = True
         groups = getattr(namespace, f"{self.group}_groups", None)
         if groups is None:
             groups = []

@@ -31,7 +31,9 @@ Several adapters and ControlNets (a group grammar):
     --embeds FILE          precomputed embeddings from `ipadapter embed` (no image encoder is loaded
                            when every adapter has them)
     --face-embeds FILE     FaceID: face-ID embeddings
-    --scale, --combine, --start, --end, --curve, --blocks: once per adapter
+    --composition-image PATH, --face-image PATH: repeat for several
+    --scale, --combine, --start, --end, --curve, --blocks and ComfyUI's controls (--weight-type,
+    --embeds-scaling, --crop, --tiles, --unfold-batch, --negative-noise ...): once per adapter
   Each --controlnet DIR starts a ControlNet group; --control-image PATH (required) and --control-scale F
   after it belong to it. The ControlNet sees the text prompt only; the adapter steers the UNet.
   Init images, masks and control images of another size than the output are resized, with a note.
@@ -73,8 +75,9 @@ def _add_generate_parser(sub) -> None:
             help="FaceID: face-ID embeddings (.npy/.safetensors, [n, 512])")
     grouped("--scale", "scale", type=_scale, metavar="F",
             help="adapter weight (default 1.0 for image-only prompts, 0.5 with a text prompt)")
-    grouped("--combine", "combine", choices=("concat", "average", "norm-average"),
-            help="several images: concat (tokens side by side, default), average, norm-average (weighted mean)")
+    grouped("--combine", "combine", type=_combine_mode, metavar="MODE",
+            help="several images: concat (tokens side by side, default), or ComfyUI's add, subtract, average, "
+                 "norm-average, max, min (on the weighted embeddings)")
     grouped("--start", "start", type=_fraction, metavar="F",
             help="fraction of the denoising where the adapter starts acting (default 0)")
     grouped("--end", "end", type=_fraction, metavar="F", help="... and where it stops (default 1)")
@@ -83,6 +86,7 @@ def _add_generate_parser(sub) -> None:
     grouped("--blocks", "blocks", metavar="SPEC",
             help="per-block scales: a preset (style, composition), BLOCK=F entries (e.g. "
                  "'up_blocks.0.attentions.1=1,down_blocks.2=0.5', '*=F' for the rest; unnamed blocks get 0)")
+    _add_comfy_flags(grouped)
 
     s = g.add_argument_group("img2img, inpainting, ControlNet")
     s.add_argument("--init-image", metavar="PATH", help="img2img: start from this image")
@@ -107,7 +111,77 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--height", type=_size, default=None, help="output height (default: the model's)")
     g.add_argument("--num-images", type=_positive_int, default=1)
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--insightface-root", metavar="DIR",
+                   help="FaceID photos: where insightface's models/buffalo_l lives (default ~/.insightface)")
     g.add_argument("-o", "--output", required=True, help="output PNG file, or a folder")
+
+
+COMFY_KEYS: tuple[str, ...] = (
+    "weight_type", "composition_weight", "boost", "composition_images", "embeds_scaling", "crop", "interpolation",
+    "sharpen", "tiles", "enhance_tiles", "enhance_ratio", "unfold_batch", "encode_batch_size", "negative_noise",
+    "noise_strength", "noise_blur", "noise_seed", "face_images",
+)
+
+
+def _combine_mode(text: str) -> str:
+    from ..generation.controls import COMBINE_MODES
+
+    key = "-".join(text.strip().lower().split())
+    if key not in COMBINE_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(COMBINE_MODES)}")
+    return key
+
+
+def _weight_type(text: str) -> str:
+    from ..generation.weight_types import WEIGHT_TYPES
+
+    key = "-".join(text.strip().lower().split())
+    if key not in WEIGHT_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r}: use one of {', '.join(WEIGHT_TYPES)}")
+    return key
+
+
+def _add_comfy_flags(grouped) -> None:
+    """ComfyUI_IPAdapter_plus's controls, per adapter group (docs/controls.md has ComfyUI's names beside ours)."""
+    from ..core.encoders import CROPS, INTERPOLATIONS
+    from ..generation.controls import NOISES
+
+    grouped("--weight-type", "weight_type", type=_weight_type, metavar="TYPE",
+            help="ComfyUI's weight types over the attention blocks: linear, ease-in, ease-out, ease-in-out, "
+                 "reverse-in-out, weak-input, weak-output, weak-middle, strong-middle, style-transfer, composition, "
+                 "strong-style-transfer, style-and-composition, strong-style-and-composition, "
+                 "style-transfer-precise, composition-precise")
+    grouped("--composition-image", "composition_images", repeat=True, metavar="PATH",
+            help="style-and-composition: the image for the composition blocks")
+    grouped("--composition-weight", "composition_weight", type=_finite, metavar="F",
+            help="weight of the composition blocks (style-and-composition; default 1)")
+    grouped("--boost", "boost", type=_finite, metavar="F",
+            help="style-transfer-precise / composition-precise: ComfyUI's style_boost / composition_boost")
+    grouped("--embeds-scaling", "embeds_scaling", choices=("v", "kv", "kv-penalty", "k-mean-v-penalty"),
+            help="where the weight goes: v (the output, default; ComfyUI 'V only'), kv (K and V), kv-penalty "
+                 "(K and V, times width/1280), k-mean-v-penalty (K and V's mean, times width/1280)")
+    grouped("--crop", "crop", choices=CROPS, help="encoder input: the square taken (default: the encoder's "
+                                                  "centre crop), or pad (black bars)")
+    grouped("--interpolation", "interpolation", choices=INTERPOLATIONS,
+            help="encoder input resize filter with --crop/--sharpen (default lanczos)")
+    grouped("--sharpen", "sharpen", type=_fraction, metavar="F", help="encoder input sharpening, 0..1")
+    grouped("--tiles", "tiles", nargs=0, help="tiled IP-Adapter: each --image cut into 256 px tiles, each acting "
+                                              "on its own region (an --image-mask per image limits it)")
+    grouped("--enhance-tiles", "enhance_tiles", type=_positive_int, metavar="N",
+            help="ClipVision enhancer: also encode an N x N grid of pieces and merge them in")
+    grouped("--enhance-ratio", "enhance_ratio", type=_fraction, metavar="F",
+            help="ClipVision enhancer: the whole image's share (default 1)")
+    grouped("--unfold-batch", "unfold_batch", nargs=0,
+            help="one reference per batch item: image k of the batch gets --image k alone")
+    grouped("--encode-batch-size", "encode_batch_size", type=_positive_int, metavar="N",
+            help="images per image-encoder call (default: all at once)")
+    grouped("--negative-noise", "negative_noise", choices=NOISES,
+            help="negative image from noise (ComfyUI's IPAdapterNoise), on --negative-image or black")
+    grouped("--noise-strength", "noise_strength", type=_fraction, metavar="F", help="noise strength (default 1)")
+    grouped("--noise-blur", "noise_blur", type=int, metavar="N", help="noise blur kernel (default 0)")
+    grouped("--noise-seed", "noise_seed", type=int, metavar="S", help="noise seed (default 0)")
+    grouped("--face-image", "face_images", repeat=True, metavar="PATH",
+            help="FaceID: a face photo (insightface, the [faceid] extra, finds the face); repeat for Portrait")
 
 
 def _add_embed_parser(sub) -> None:
@@ -209,7 +283,7 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         images, n = g.get("images", []), len(g.get("images", []))
         if g.get("embeds") and (images or g.get("negative_images")):
             raise IPAdapterError(f"{name}--embeds replaces --image and --negative-image (the file holds both)")
-        if not images and not g.get("embeds") and not g.get("face_embeds"):
+        if not images and not g.get("embeds") and not g.get("face_embeds") and not g.get("face_images"):
             raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
                                  "FaceID adapters)")
         if "weights" in g and images and len(g["weights"]) != n:
@@ -253,6 +327,9 @@ def cmd_generate(args) -> int:
         g["image_names"] = [os.path.basename(str(p)) for p in g.get("images", [])]
         g["images"] = [load_image(p) for p in g.get("images", [])]
         g["negative_images"] = [load_image(p) for p in g.get("negative_images", [])]
+        for key in ("composition_images", "face_images"):
+            if key in g:
+                g[key] = [load_image(p) for p in g[key]]
         g["masks"] = g.get("masks", [])
     for path in [m for g in groups for m in g["masks"]] + [args.init_image, args.inpaint_mask] + \
             [c["image"] for c in controls]:
@@ -263,13 +340,14 @@ def cmd_generate(args) -> int:
     need_encoder = any(not g.get("embeds") for g in groups)
     pipe = load_pipeline(model, device=device, image_encoder=need_encoder)
     ip = load(pipe, [g["adapter"] for g in groups], image_encoder=args.image_encoder if need_encoder else False,
-              model_dir=model if Path(str(model)).is_dir() else None)
+              model_dir=model if Path(str(model)).is_dir() else None, insightface_root=args.insightface_root)
     default_scale = 0.5 if args.prompt else 1.0
     prompts = [
         ImagePrompt(images=g["images"], scale=g.get("scale", default_scale), negative_images=g["negative_images"],
                     face_embeds=g.get("face_embeds"), embeds=g.get("embeds"), weights=g.get("weights"),
                     combine=g.get("combine", "concat"), masks=g["masks"], start=g.get("start", 0.0),
-                    end=g.get("end", 1.0), curve=g.get("curve", "constant"), blocks=g.get("blocks"))
+                    end=g.get("end", 1.0), curve=g.get("curve", "constant"), blocks=g.get("blocks"),
+                    **{k: g[k] for k in COMFY_KEYS if k in g})
         for g in groups
     ]
     with _notes():
@@ -306,7 +384,7 @@ def _parameters(args, pipe, model, groups, controls, seed: int, image) -> str:
         if names:
             weights = g.get("weights") or [1.0] * len(names)
             parts.append("images: " + ", ".join(f"{n} ({w:g})" for n, w in zip(names, weights)))
-        for key in ("combine", "start", "end", "curve", "blocks"):
+        for key in ("combine", "start", "end", "curve", "blocks") + tuple(k for k in COMFY_KEYS if "images" not in k):
             if key in g:
                 parts.append(f"{key}: {g[key]}")
         if g["masks"]:

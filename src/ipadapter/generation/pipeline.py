@@ -363,6 +363,8 @@ class IPAdapter:
                        enhance_tiles=int(prompt.enhance_tiles), enhance_ratio=float(prompt.enhance_ratio))
         if cfg.uses_face_id:
             return self._face_features(cfg, prompt, options)
+        if prompt.face_images:
+            raise IPAdapterError(f"--face-image is for FaceID adapters; this one is {cfg.kind} (give --image)")
         if not prompt.images:
             raise IPAdapterError(f"{cfg.kind} adapter: no prompt image given")
         return encode_prompt(cfg, self._encoder(), prompt.images, self._negatives(prompt), **options)
