@@ -35,19 +35,18 @@ def test_concat_keeps_every_image():
 def test_average_and_norm_average():
     x = torch.randn(3, 4, 6)
     w = [1.0, 2.0, 0.5]
-    expected_avg = sum(wi * xi for wi, xi in zip(w, x)) / 3
-    expected_norm = sum(wi * xi for wi, xi in zip(w, x)) / sum(w)
+    e = torch.stack([wi * xi for wi, xi in zip(w, x)])
+    expected_avg = e.sum(0) / 3
+    expected_norm = (e / e.norm(dim=0, keepdim=True)).mean(0)  # ComfyUI's norm average: norm across the images
     assert torch.allclose(controls.combine(x, w, "average")[0], expected_avg, atol=1e-6)
     assert torch.allclose(controls.combine(x, w, "norm-average")[0], expected_norm, atol=1e-6)
     assert controls.combine(x, w, "average").shape == (1, 4, 6)
-    # unweighted, both are the plain mean
     assert torch.allclose(controls.combine(x, None, "average"), x.mean(0, keepdim=True), atol=1e-6)
-    assert torch.allclose(controls.combine(x, None, "norm-average"), x.mean(0, keepdim=True), atol=1e-6)
 
 
-def test_norm_average_with_a_zero_weight_is_the_other_image_exactly():
+def test_norm_average_ignores_a_common_scale():
     x = torch.randn(2, 8)
-    assert torch.equal(controls.combine(x, [1.0, 0.0], "norm-average")[0], x[0])
+    assert torch.allclose(controls.combine(x, [3.0, 3.0], "norm-average"), controls.combine(x, None, "norm-average"))
 
 
 @pytest.mark.parametrize("weights, count, fragment", [
@@ -62,8 +61,9 @@ def test_bad_weights(weights, count, fragment):
 
 
 def test_unknown_combine_mode():
-    with pytest.raises(IPAdapterError, match="concat, average, norm-average"):
-        controls.check_combine("add")
+    with pytest.raises(IPAdapterError, match="concat, add, subtract, average, norm-average, max, min"):
+        controls.check_combine("blend")
+    assert controls.check_combine("norm average") == "norm-average"  # ComfyUI's spelling
 
 
 # ------------------------------------------------------------------------------------------------ schedule

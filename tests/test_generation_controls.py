@@ -287,7 +287,8 @@ def test_average_modes_are_means_of_the_embeddings(pairs):
     p = pairs["sd15"]
     images = [noise(1), noise(2)]
     cond, uncond = p.ip.features(p.ip.adapters[0], ipadapter.ImagePrompt(images=images))
-    mean = (cond.image_embeds[:1] * 3 + cond.image_embeds[1:]) / 4
+    e = torch.cat([cond.image_embeds[:1] * 3, cond.image_embeds[1:]]).double()
+    mean = (e / e.norm(dim=0, keepdim=True)).mean(0, keepdim=True).float()  # ComfyUI's norm average
     by_hand = p.ip.generate(embeds=(uncond.image_embeds[:1], mean), seed=0, **COMMON)
     norm = p.ip.generate(images=images, weights=[3.0, 1.0], combine="norm-average", seed=0, **COMMON)
     assert np.allclose(norm, by_hand, atol=1e-6)
