@@ -22,7 +22,7 @@ from ipadapter.core.attention import AdapterState, IPAttnProcessor, IPLayer, Run
 from ipadapter.core.encoders import ImageEncoder, Prep, enhancer_pieces, merge_pieces, tile_reference
 from ipadapter.core.errors import IPAdapterError
 from ipadapter.generation import controls, weight_types
-from ipadapter.generation.pipeline import IPAdapter, ImagePrompt
+from ipadapter.generation.pipeline import ImagePrompt, IPAdapter
 from ipadapter.testing import tiny_unet
 
 # ComfyUI's transformer_index order: the attention blocks as the UNet runs them (input, middle, output)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import IPAdapterError
+from ..generation.controls import COMBINE_MODES
 
 MAX_IMAGES = 4  # prompt-image slots on the page (each with a weight and a region mask)
 MAX_HISTORY = 48  # results kept per browser session
@@ -86,14 +87,87 @@ class Form:
     controlnet: str = ""
     control_image: str | None = None
     control_scale: float = 1.0
+    comfy: dict = field(default_factory=dict)  # ComfyUI_IPAdapter_plus's controls: COMFY_CONTROLS name -> value
 
     def prompt_images(self) -> list[tuple[str, float, str | None]]:
         """(image, weight, mask) of the filled slots, in slot order."""
         return [(img, float(w), m) for img, w, m in zip(self.images, self.weights, self.masks) if img]
 
     def files(self) -> list[str]:
-        singles = (self.negative_image, self.init_image, self.inpaint_mask, self.control_image)
+        singles = (self.negative_image, self.init_image, self.inpaint_mask, self.control_image,
+                   *(self.comfy.get(k) for k in COMFY_IMAGES))
         return [p for p in (*self.images, *self.masks, *singles) if p]
+
+
+# ComfyUI_IPAdapter_plus's controls on the page: (ImagePrompt field, neutral value); the images are paths
+COMFY_CONTROLS: tuple[tuple[str, Any], ...] = (
+    ("weight_type", None), ("composition_weight", None), ("boost", None), ("embeds_scaling", "v"), ("crop", None),
+    ("interpolation", "lanczos"), ("sharpen", 0.0), ("tiles", False), ("enhance_tiles", 1), ("enhance_ratio", 1.0),
+    ("unfold_batch", False), ("encode_batch_size", 0), ("negative_noise", None), ("noise_strength", 1.0),
+    ("noise_blur", 0), ("noise_seed", 0), ("composition_image", None), ("face_image", None),
+)
+COMFY_IMAGES = ("composition_image", "face_image")
+
+
+def comfy_options(values: dict) -> dict:
+    """The page's ComfyUI controls -> ImagePrompt keywords (neutral values left out)."""
+    out: dict[str, Any] = {}
+    for name, neutral in COMFY_CONTROLS:
+        value = values.get(name, neutral)
+        if value in (None, "") or value == neutral:
+            continue
+        if name in COMFY_IMAGES:
+            out[f"{name}s"] = [_read_image(value, name.replace("_", " "))]
+        elif name in ("enhance_tiles", "encode_batch_size", "noise_blur", "noise_seed"):
+            out[name] = int(value)
+        else:
+            out[name] = value
+    return out
+
+
+def comfy_widgets(gr, image_sources) -> dict:
+    """The ComfyUI controls' widgets (inside the Advanced section), by COMFY_CONTROLS name."""
+    from ..core.encoders import CROPS, INTERPOLATIONS
+    from ..generation.controls import NOISES
+    from ..generation.weight_types import WEIGHT_TYPES
+
+    w: dict = {}
+    with gr.Accordion("ComfyUI controls: weight type, embeds scaling, image prep, tiles, noise, FaceID photo",
+                      open=False):
+        with gr.Row():
+            w["weight_type"] = gr.Dropdown(["", *WEIGHT_TYPES], value="", label="Weight type",
+                                           elem_id="ipa-weight-type")
+            w["composition_weight"] = gr.Number(None, label="Composition weight", elem_id="ipa-composition-weight")
+            w["boost"] = gr.Number(None, label="Boost (precise types)", elem_id="ipa-boost")
+            w["embeds_scaling"] = gr.Dropdown(["v", "kv", "kv-penalty", "k-mean-v-penalty"], value="v",
+                                              label="Embeds scaling", elem_id="ipa-embeds-scaling")
+        with gr.Row():
+            w["crop"] = gr.Dropdown(["", *CROPS], value="", label="Crop for the encoder", elem_id="ipa-crop")
+            w["interpolation"] = gr.Dropdown(list(INTERPOLATIONS), value="lanczos", label="Interpolation",
+                                             elem_id="ipa-interpolation")
+            w["sharpen"] = gr.Slider(0, 1, value=0, step=0.05, label="Sharpening", elem_id="ipa-sharpen")
+            w["tiles"] = gr.Checkbox(False, label="Tiled references", elem_id="ipa-tiles")
+        with gr.Row():
+            w["enhance_tiles"] = gr.Slider(1, 16, value=1, step=1, label="Enhancer tiles", elem_id="ipa-enhance-tiles")
+            w["enhance_ratio"] = gr.Slider(0, 1, value=1, step=0.05, label="Enhancer ratio",
+                                           elem_id="ipa-enhance-ratio")
+            w["unfold_batch"] = gr.Checkbox(False, label="Unfold batch (image k -> result k)",
+                                            elem_id="ipa-unfold-batch")
+            w["encode_batch_size"] = gr.Number(0, precision=0, minimum=0, label="Encode batch size",
+                                               elem_id="ipa-encode-batch-size")
+        with gr.Row():
+            w["negative_noise"] = gr.Dropdown(["", *NOISES], value="", label="Negative from noise",
+                                              elem_id="ipa-negative-noise")
+            w["noise_strength"] = gr.Slider(0, 1, value=1, step=0.05, label="Noise strength",
+                                            elem_id="ipa-noise-strength")
+            w["noise_blur"] = gr.Slider(0, 32, value=0, step=1, label="Noise blur", elem_id="ipa-noise-blur")
+            w["noise_seed"] = gr.Number(0, precision=0, label="Noise seed", elem_id="ipa-noise-seed")
+        with gr.Row():
+            w["composition_image"] = gr.Image(label="Composition image", type="filepath", height=140,
+                                              sources=image_sources, elem_id="ipa-composition-image")
+            w["face_image"] = gr.Image(label="Face photo (FaceID)", type="filepath", height=140,
+                                       sources=image_sources, elem_id="ipa-face-image")
+    return w
 
 
 def generation_request(form: Form) -> tuple[list, dict]:
@@ -129,6 +203,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
         options["blocks"] = form.blocks.strip()
     if (form.start, form.end, form.curve) != (0.0, 1.0, "constant"):
         options.update(start=float(form.start), end=float(form.end), curve=form.curve)
+    options.update(comfy_options(form.comfy))
     prompts = [ImagePrompt(images=images, scale=float(form.scale), **options)]
 
     kwargs: dict[str, Any] = dict(
@@ -313,6 +388,10 @@ def parameters_text(form: Form, size: tuple[int, int], sampler: str) -> str:
         parts.append(f"IP-Adapter blocks: {form.blocks}")
     if (form.start, form.end, form.curve) != (0.0, 1.0, "constant"):
         parts.append(f"IP-Adapter range: {form.start:g}-{form.end:g} {form.curve}")
+    for name, neutral in COMFY_CONTROLS:
+        value = form.comfy.get(name, neutral)
+        if value not in (None, "") and value != neutral:
+            parts.append(f"IP-Adapter {name.replace('_', ' ')}: {Path(value).name if name in COMFY_IMAGES else value}")
     if form.init_image:
         parts.append(f"Init image: {Path(form.init_image).name}, Denoising strength: {form.strength:g}")
         if form.inpaint_mask:
@@ -424,7 +503,7 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
                                              label="Blocks",
                                              info="where the image prompt acts: InstantStyle presets or "
                                                   "BLOCK=SCALE,... (e.g. up_blocks.1=1,*=0.3)")
-                        combine = gr.Dropdown(["concat", "average", "norm-average"], value="concat",
+                        combine = gr.Dropdown(list(COMBINE_MODES), value="concat",
                                               label="Combine images", info="concat keeps each image's tokens",
                                               elem_id="ipa-combine")
                     with gr.Row():
@@ -455,6 +534,7 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
                             controlnet = gr.Textbox(label="ControlNet model folder", elem_id="ipa-controlnet")
                             control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale",
                                                       elem_id="ipa-control-scale")
+                    comfy = comfy_widgets(gr, image_sources)
                 with gr.Accordion("Model", open=False):
                     model_box = gr.Textbox(value=model, label="Model folder (diffusers layout) or hub id",
                                            interactive=allow_model_change, elem_id="ipa-model")
@@ -473,7 +553,7 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
         inputs = [*(c for i in range(MAX_IMAGES) for c in (slot_images[i], slot_weights[i], slot_masks[i])),
                   prompt, negative, scale, steps, guidance, seed, random_seed, width, height, num_images,
                   model_box, adapter_box, combine, blocks, start, end, curve, negative_image, init_image, strength,
-                  inpaint_mask, controlnet, control_image, control_scale]
+                  inpaint_mask, controlnet, control_image, control_scale, *comfy.values()]
 
         # These parameter names are the HTTP API's; a default of None makes a parameter optional for clients.
         def generate(image_1, weight_1=1.0, mask_1=None, image_2=None, weight_2=1.0, mask_2=None, image_3=None,
@@ -481,7 +561,11 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
                      negative_prompt=None, scale=1.0, steps=30, guidance=7.5, seed=0, random_seed=True, width=None,
                      height=None, num_images=1, model=None, adapter=None, combine="concat", blocks=None, start=0.0,
                      end=1.0, curve="constant", negative_image=None, init_image=None, strength=0.6, inpaint_mask=None,
-                     controlnet=None, control_image=None, control_scale=1.0, history=None, progress=gr.Progress()):
+                     controlnet=None, control_image=None, control_scale=1.0, weight_type=None, composition_weight=None,
+                     boost=None, embeds_scaling="v", crop=None, interpolation="lanczos", sharpen=0.0, tiles=False,
+                     enhance_tiles=1, enhance_ratio=1.0, unfold_batch=False, encode_batch_size=0, negative_noise=None,
+                     noise_strength=1.0, noise_blur=0, noise_seed=0, composition_image=None, face_image=None,
+                     history=None, progress=gr.Progress()):
             """Generate images from image prompts (and an optional text prompt)."""
             form = Form(
                 images=[_path(x) for x in (image_1, image_2, image_3, image_4)],
@@ -496,6 +580,13 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
                 inpaint_mask=_path(inpaint_mask),
                 controlnet=(controlnet or "").strip(), control_image=_path(control_image),
                 control_scale=float(control_scale),
+                comfy=dict(weight_type=weight_type, composition_weight=composition_weight, boost=boost,
+                           embeds_scaling=embeds_scaling, crop=crop, interpolation=interpolation, sharpen=sharpen,
+                           tiles=tiles, enhance_tiles=enhance_tiles, enhance_ratio=enhance_ratio,
+                           unfold_batch=unfold_batch, encode_batch_size=encode_batch_size,
+                           negative_noise=negative_noise, noise_strength=noise_strength, noise_blur=noise_blur,
+                           noise_seed=noise_seed, composition_image=_path(composition_image),
+                           face_image=_path(face_image)),
             )
             progress(0, desc="Preparing")  # loading the model, on first use
             try:
@@ -568,6 +659,8 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
                        form.start, form.end, form.curve, still(form.negative_image), still(form.init_image),
                        form.strength,
                        still(form.inpaint_mask), form.controlnet, still(form.control_image), form.control_scale]
+            values += [still(form.comfy.get(k)) if k in COMFY_IMAGES else form.comfy.get(k, v)
+                       for k, v in COMFY_CONTROLS]
             return [*values, n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)),
                     gr.Button(interactive=n < MAX_IMAGES)]
 
