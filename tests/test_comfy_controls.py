@@ -24,6 +24,7 @@ from ipadapter.core.errors import IPAdapterError
 from ipadapter.generation import controls, weight_types
 from ipadapter.generation.pipeline import ImagePrompt, IPAdapter
 from ipadapter.testing import tiny_unet
+from test_cli import files  # noqa: F401 - the CLI fixture (a saved tiny model and adapters)
 
 # ComfyUI's transformer_index order: the attention blocks as the UNet runs them (input, middle, output)
 ORDER = {
@@ -412,3 +413,59 @@ def test_faceid_photo_without_insightface_is_one_clear_line(sd15_pipe):
             ip.set_images(prompt=ImagePrompt(face_images=[random_image(1)]))
     finally:
         ip.detach()
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+def test_cli_exposes_every_comfy_control():
+    from ipadapter.cli import build_parser
+    from ipadapter.cli.generate import COMFY_KEYS
+
+    argv = ["generate", "--image", "a.png", "--weight-type", "style transfer precise", "--composition-image", "c.png",
+            "--composition-weight", "0.5", "--boost", "1.5", "--embeds-scaling", "k-mean-v-penalty", "--crop", "pad",
+            "--interpolation", "nearest", "--sharpen", "0.3", "--tiles", "--enhance-tiles", "2", "--enhance-ratio",
+            "0.4", "--unfold-batch", "--encode-batch-size", "3", "--negative-noise", "dissolve", "--noise-strength",
+            "0.2", "--noise-blur", "5", "--noise-seed", "7", "--face-image", "f.png", "--combine", "norm average",
+            "-o", "x.png"]
+    group = build_parser().parse_args(argv).adapter_groups[0]
+    assert set(COMFY_KEYS) <= set(group)
+    assert group["weight_type"] == "style-transfer-precise" and group["tiles"] is True
+    assert group["combine"] == "norm-average" and group["face_images"] == ["f.png"]
+    fields = set(ImagePrompt.__dataclass_fields__)
+    assert set(COMFY_KEYS) <= fields
+
+
+def test_cli_weight_type_and_crop_give_the_library_image(capsys, sd15_pipe, files, tmp_path):  # noqa: F811
+    from ipadapter.cli import main
+    from ipadapter.generation.pipeline import load, load_pipeline
+
+    out = tmp_path / "out.png"
+    wide = random_image(11, (64, 40))
+    wide.save(tmp_path / "wide.png")
+    argv = ["generate", "--model", str(files["model"]), "--adapter", str(files["global"]), "--image",
+            str(tmp_path / "wide.png"), "--steps", "2", "--seed", "1", "--width", "32", "--height", "32",
+            "--weight-type", "composition-precise", "--boost", "0.5", "--crop", "right", "--embeds-scaling", "kv",
+            "-o", str(out)]
+    assert main(argv) == 0
+    ip = load(load_pipeline(files["model"]), files["global"])
+    want = ip.generate(images=[wide], seed=1, num_inference_steps=2, width=32, height=32,
+                       weight_type="composition-precise", boost=0.5, crop="right", embeds_scaling="kv")[0]
+    with Image.open(out) as got:
+        assert np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16)).max() <= 1
+        assert "weight_type: composition-precise" in got.text["parameters"]
+
+
+def test_cli_face_image_without_insightface_is_one_line(capsys, files, tmp_path):  # noqa: F811
+    from ipadapter.cli import main
+
+    try:
+        import insightface  # noqa: F401
+        pytest.skip("insightface is installed here")
+    except ImportError:
+        pass
+    photo = tmp_path / "face.png"
+    random_image(12, (64, 64)).save(photo)
+    rc = main(["generate", "--model", str(files["model"]), "--adapter", str(files["faceid"]), "--face-image",
+               str(photo), "--steps", "1", "--width", "32", "--height", "32", "-o", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "pip install 'ipadapter[faceid]'" in err[0], err
+    assert not (tmp_path / "o.png").exists()
