@@ -294,7 +294,11 @@ def _tiled(prompt: ImagePrompt):
         raise IPAdapterError(f"{len(masks)} --image-mask for {len(prompt.images)} --image with --tiles: one per image")
     tiles, regions = [], []
     for k, image in enumerate(prompt.images):
-        mask = load_image(masks[k]).convert("L") if masks else None
+        mask = None
+        if masks and torch.is_tensor(masks[k]):
+            mask = Image.fromarray((controls.load_mask(masks[k]) * 255 + 0.5).byte().numpy(), "L")
+        elif masks:
+            mask = load_image(masks[k]).convert("L")
         t, m = tile_reference(image, mask, float(prompt.sharpen))
         tiles += t
         regions.append(m)
