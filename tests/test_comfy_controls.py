@@ -17,8 +17,9 @@ from diffusers.models.attention_processor import Attention
 from PIL import Image
 
 from conftest import make_adapter, random_image, unet_inputs
-from ipadapter.core.adapter import unet_layers
-from ipadapter.core.attention import AdapterState, IPAttnProcessor, IPLayer, Runtime
+from ipadapter.bases import unet_layers
+from ipadapter.bases.unet import IPAttnProcessor
+from ipadapter.core.attention import AdapterState, IPLayer, Runtime
 from ipadapter.core.encoders import ImageEncoder, Prep, enhancer_pieces, merge_pieces, tile_reference
 from ipadapter.core.errors import IPAdapterError
 from ipadapter.generation import controls, weight_types

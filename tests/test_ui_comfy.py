@@ -83,7 +83,7 @@ def test_bad_comfy_values_are_one_line(bad, fragment):
     from ipadapter.core.errors import IPAdapterError
 
     with pytest.raises(IPAdapterError, match=fragment):
-        from ipadapter.core.adapter import unet_layers
+        from ipadapter.bases import unet_layers
         from ipadapter.generation.pipeline import _check_comfy, _prep
         from ipadapter.testing import tiny_unet
 
