@@ -470,3 +470,13 @@ def test_cli_face_image_without_insightface_is_one_line(capsys, files, tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "pip install 'ipadapter[faceid]'" in err[0], err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_ramps_apply_to_a_block_list_of_any_family():
+    layers = [SimpleNamespace(name=f"transformer_blocks.{i}.attn", index=i, cross_dim=8) for i in range(19)]
+    plan = weight_types.resolve(layers, "ease-out", 1.0)
+    assert [plan.weights[i] for i in range(19)] == pytest.approx([comfy_ramp("ease-out", t, "", 19) for t in range(19)])
+    with pytest.raises(IPAdapterError, match="no input/middle/output parts"):
+        weight_types.resolve(layers, "weak-input")
+    with pytest.raises(IPAdapterError, match="ComfyUI defines it for SD 1.x"):
+        weight_types.resolve(layers, "style-transfer")

@@ -75,12 +75,21 @@ class Block:
 
 
 def attention_blocks(layers: Sequence) -> list[Block]:
-    """The cross-attention layers grouped into attention blocks, in the order they run (down, mid, up)."""
+    """The cross-attention layers grouped into attention blocks, in the order they run.
+
+    UNet layers (``down_blocks`` / ``mid_block`` / ``up_blocks``) group by their ``attentions.j`` entry, down,
+    middle, up. Layers of other denoisers (the transformer families) are one block each, in the order given, with
+    no part (the ramps apply to them; weak/strong input/middle/output and the tables do not).
+    """
     groups: dict[str, list[int]] = {}
+    others: list[Block] = []
     for layer in layers:
         if getattr(layer, "cross_dim", None) is None:
             continue
         parts = layer.name.split(".")
+        if parts[0] not in ("down_blocks", "mid_block", "up_blocks"):
+            others.append(Block(layer.name, "", (layer.index,)))
+            continue
         name = ".".join(parts[:3] if parts[0] == "mid_block" else parts[:4])
         groups.setdefault(name, []).append(layer.index)
 
@@ -90,7 +99,7 @@ def attention_blocks(layers: Sequence) -> list[Block]:
         return (side, *(int(p) for p in parts[1:] if p.isdigit()))
 
     part = {"down_blocks": "input", "mid_block": "middle", "up_blocks": "output"}
-    return [Block(n, part[n.split(".")[0]], tuple(groups[n])) for n in sorted(groups, key=order)]
+    return [Block(n, part[n.split(".")[0]], tuple(groups[n])) for n in sorted(groups, key=order)] + others
 
 
 def ramp(blocks: Sequence[Block], weight_type: str) -> list[float]:
@@ -156,6 +165,9 @@ def resolve(layers: Sequence, weight_type: str, weight: float = 1.0, composition
     blocks = attention_blocks(layers)
     if not blocks:
         raise IPAdapterError("--weight-type: this denoiser has no cross-attention layer")
+    if weight_type in RAMPS[5:] and not any(b.part for b in blocks):
+        raise IPAdapterError(f"--weight-type {weight_type}: this denoiser's blocks have no input/middle/output parts; "
+                             f"use {', '.join(RAMPS[:5])}")
     if weight_type in RAMPS:
         per_block = [(m * weight, False, False) for m in ramp(blocks, weight_type)]
     else:
