@@ -1,7 +1,7 @@
 """`ipadapter ui`: the Gradio page driven by a real headless Chromium (Playwright), its HTTP API, its wiring.
 
-The browser is Debian's ``chromium`` (/usr/bin/chromium; the README's test command installs it), never a downloaded one; the
-browser tests skip, saying why, only when it or the ``playwright`` package is missing. Each test gets its own
+The browser is Debian's ``chromium`` (/usr/bin/chromium; the README's test command installs it), never a downloaded
+one; the browser tests skip, saying why, only when it or the ``playwright`` package is missing. Each test gets its own
 browser context, i.e. its own Gradio session. A screenshot of the page with a result is written to
 test-artifacts/ui.png.
 """
