@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from .attention import ip_layers
 from .config import AdapterConfig, guess_base_family
 from .errors import IPAdapterError
+from .files import atomic_write
 from .projection import build_projection
 
 Tensors = dict[str, torch.Tensor]
@@ -360,15 +360,7 @@ def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: T
         "ipadapter_config": config.to_json(),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in official.items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def parameter_count(official: Tensors) -> int:

@@ -34,6 +34,7 @@ from PIL import Image
 
 from ..core.encoders import load_image
 from ..core.errors import IPAdapterError
+from ..core.files import atomic_write
 
 ATTRIBUTES = ("background", "colour", "shape")
 
@@ -491,16 +492,8 @@ def _fmt(value) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    text = json.dumps(data, indent=1, default=_json_default) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(obj):

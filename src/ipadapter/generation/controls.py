@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from ..core.errors import IPAdapterError, IPAdapterNote, note  # noqa: F401 - IPAdapterNote re-exported
+from ..core.files import atomic_write
 
 COMBINE_MODES: tuple[str, ...] = ("concat", "add", "subtract", "average", "norm-average", "max", "min")
 CURVES: tuple[str, ...] = ("constant", "linear", "ease-in", "ease-out")
@@ -369,15 +370,7 @@ def save_embeds(path: str | os.PathLike, cond, uncond, metadata: Mapping[str, st
     if not tensors:
         raise IPAdapterError("no image features to write")
     meta = {"format": EMBEDS_FORMAT, **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_embeds(path: str | os.PathLike):

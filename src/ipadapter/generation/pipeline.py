@@ -45,6 +45,7 @@ from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError
+from ..core.files import atomic_write
 from . import controls
 
 
@@ -757,18 +758,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Pa
     """Write a PNG with the generation parameters as a "parameters" text chunk, atomically."""
     from PIL import PngImagePlugin
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..core.errors import IPAdapterError
+from ..core.files import atomic_write
 
 Tensors = dict[str, torch.Tensor]
 #: ``encode(items) -> ({bucket: {name: tensor [n, ...], "item": [n]}}, [(item, reason, name, detail), ...])``
@@ -40,14 +40,8 @@ def fingerprint(info: dict) -> str:
 def _atomic_save(tensors: Tensors, path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 class FeatureCache:

@@ -43,6 +43,7 @@ from ..bases.unet import UNET
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder
 from ..core.errors import IPAdapterError
+from ..core.files import publish
 from . import data as D
 
 KINDS = ("global", "plus", "full", "faceid")
@@ -791,8 +792,7 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
             _save_synced(state, tmp / "state.pt")
             if os.environ.get("IPADAPTER_TEST_SAVE_SLEEP"):  # tests kill the process here, mid-save
                 time.sleep(float(os.environ["IPADAPTER_TEST_SAVE_SLEEP"]))
-            os.replace(tmp, final)
-            _fsync_dir(folder)
+            publish(tmp, final)
             for _, old in checkpoints(out)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -939,17 +939,6 @@ def _check_resume(state: dict, cfg: TrainConfig, global_batch: int, log) -> None
     if state.get("global_batch") != global_batch or saved.get("grad_accum") != cfg.grad_accum:
         log(f"--resume: global batch was {state.get('global_batch')} x {saved.get('grad_accum')} accumulation, now "
             f"{global_batch} x {cfg.grad_accum}; training continues, but not on the exact batches of an unbroken run")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _default_processor(encoder_dir: Path):
