@@ -151,7 +151,7 @@ def test_diffusers_nested_dicts_mean_what_diffusers_means(layers, shape, spec):
 
 
 def test_unknown_block_lists_the_known_ones(layers):
-    with pytest.raises(IPAdapterError, match=r"--blocks 'up_blocks\.0'.*up_blocks\.1\.attentions\.0"):
+    with pytest.raises(IPAdapterError, match=r"^blocks 'up_blocks\.0'.*up_blocks\.1\.attentions\.0"):
         controls.block_scales(layers["sd15"], "up_blocks.0")  # SD 1.5's up_blocks.0 has no attention
 
 

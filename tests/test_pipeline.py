@@ -264,5 +264,31 @@ def test_image_encoder_search(tmp_path):
     assert find_image_encoder(adapter, tmp_path / "model") == tmp_path / "model" / "image_encoder"
     assert find_image_encoder(adapter) == tmp_path / "adapters" / "image_encoder"
     assert find_image_encoder(adapter, explicit=tmp_path / "x") == tmp_path / "x"
-    with pytest.raises(IPAdapterError, match="pass --image-encoder DIR"):
+    with pytest.raises(IPAdapterError, match="pass image_encoder DIR"):
         find_image_encoder(tmp_path / "elsewhere" / "ip.safetensors")
+
+
+def test_one_image_set_per_text_prompt_conditions_each_prompt_on_its_own(sd15_pipe, adapter_file):
+    """images=[[a], [b]] with two text prompts: prompt j sees set j (what `ipadapter eval` batches)."""
+    import ipadapter
+    from conftest import random_image
+
+    ip = ipadapter.load(sd15_pipe, adapter_file("sd15", "global"))
+    a, b = random_image(0), random_image(1)
+    try:
+        run = dict(prompt=["one", "one"], num_inference_steps=2, seed=[5, 5], output_type="np")  # same noise
+        ab = ip.generate(images=[[a], [b]], **run)
+        ba = ip.generate(images=[[b], [a]], **run)
+        alone = ip.generate(images=[a], prompt="one", num_inference_steps=2, seed=5, output_type="np")
+        with pytest.raises(IPAdapterError, match="3 image lists for 2 text prompt"):
+            ip.generate(images=[[a], [b], [a]], **run)
+        with pytest.raises(IPAdapterError, match="each as long"):
+            ip.generate(images=[[a], [a, b]], **run)
+    finally:
+        ip.detach()
+    def diff(x, y):
+        return float(np.abs(x - y).max())
+
+    # row j is the prompt on set j as if alone (up to batch rounding), and the two sets give other images
+    same = max(diff(ab[0], alone[0]), diff(ba[1], alone[0]), diff(ab[1], ba[0]))
+    assert diff(ab[0], ab[1]) > 1e-3 and same < 0.01 * diff(ab[0], ab[1]), (same, diff(ab[0], ab[1]))

@@ -292,3 +292,32 @@ def test_prompt_images_reach_the_encoder_in_cached_and_uncached_runs(dataset, tm
     plain_cached = train(config(dataset, tmp_path / "plain-cached", max_steps=2, cache=str(tmp_path / "c")))
     assert max_diff(plain, weights(plain_cached)) < 1e-5  # a second fingerprint, not the prompt-image features
     assert len([p for p in (tmp_path / "c").iterdir() if p.is_dir()]) == 2
+
+
+# ------------------------------------------------------------------------------------------- image encoder
+def test_an_encoder_of_another_size_than_the_models_feature_extractor_trains_as_generate_reads_it(dataset, tmp_path,
+                                                                                                  capsys):
+    """--image-encoder DIR (224 px, no preprocessor config) on a model whose feature_extractor/ is 32 px: training
+    preprocesses as generation does (core.encoders.encoder_processor), so it trains instead of crashing."""
+    from ipadapter.core.encoders import ImageEncoder, encoder_processor
+    from ipadapter.training.train import clip_processor
+
+    encoder_dir = tmp_path / "encoder224"
+    tiny_image_encoder(image_size=224, patch=32).save_pretrained(str(encoder_dir))
+    cfg = config(dataset, tmp_path / "out", image_encoder=str(encoder_dir), max_steps=1, kind="plus")
+    fallback = ImageEncoder.from_pretrained(model_dir() / "image_encoder").processor  # the model's 32 px one
+    assert fallback.crop_size["height"] == 32
+    assert encoder_processor(encoder_dir, fallback=fallback).crop_size["height"] == 224  # what generate uses
+    assert clip_processor(cfg, _models_of(cfg)).crop_size["height"] == 224
+    rc = cli.main(["train", "--model", cfg.model, "--data", cfg.data, "--output", cfg.output, "--kind", "plus",
+                   "--image-encoder", str(encoder_dir), "--max-steps", "1", "--batch-size", "2", "--resolution", "16",
+                   "--no-cache", "--set", "progress=false", "--set", "tensorboard=false"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err, err
+    assert read_checkpoint(tmp_path / "out" / "ip-adapter.safetensors")[0].embed_dim == 64
+
+
+def _models_of(cfg: TrainConfig):
+    from ipadapter.training.train import load_models
+
+    return load_models(cfg, torch.device("cpu"), torch.float32)

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..core.attention import AdapterState, IPLayer, Runtime, attend, layer_masks, scale_keys_values
 from ..core.config import AdapterConfig, family_label, guess_base_family
-from ..core.errors import IPAdapterError
+from ..core.errors import IPAdapterError, param
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
 
 PRESETS: tuple[str, ...] = ("style", "composition")
@@ -201,14 +201,14 @@ def preset_blocks(layers: Sequence, preset: str) -> list[str]:
     downs, ups = _stages(cross, "down"), _stages(cross, "up")
     if preset == "style":
         if not ups:
-            raise IPAdapterError("--blocks style: this UNet has no up block with attention")
+            raise IPAdapterError(f"{param('blocks')} style: this UNet has no up block with attention")
         stage = f"up_blocks.{ups[0]}"
     elif preset == "composition":
         if not downs:
-            raise IPAdapterError("--blocks composition: this UNet has no down block with attention")
+            raise IPAdapterError(f"{param('blocks')} composition: this UNet has no down block with attention")
         stage = f"down_blocks.{downs[-1]}"
     else:
-        raise IPAdapterError(f"--blocks {preset!r}: unknown preset; use one of {', '.join(PRESETS)}")
+        raise IPAdapterError(f"{param('blocks')} {preset!r}: unknown preset; use one of {', '.join(PRESETS)}")
     sdxl_like = bool(downs) and downs[0] != 0  # SDXL: no attention in down_blocks.0, deep transformer stacks
     second = f"{stage}.attentions.1"
     if sdxl_like and any(_matches(n, second) for n in names):

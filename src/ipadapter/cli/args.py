@@ -8,6 +8,25 @@ import math
 import sys
 import warnings
 
+from ..core.errors import shown_as
+
+#: library parameter -> the flag that sets it: errors and notes name parameters, the command line shows flags
+FLAGS = {
+    "images": "--image", "weights": "--image-weight", "masks": "--image-mask", "negative_images": "--negative-image",
+    "embeds": "--embeds", "face_embeds": "--face-embeds", "scale": "--scale", "combine": "--combine",
+    "start": "--start", "end": "--end", "curve": "--curve", "blocks": "--blocks", "init_image": "--init-image",
+    "strength": "--strength", "mask_image": "--inpaint-mask", "controlnets": "--controlnet",
+    "control_images": "--control-image", "control_scales": "--control-scale", "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance", "seed": "--seed", "num_images": "--num-images", "width": "--width",
+    "height": "--height", "image_encoder": "--image-encoder", "model": "--model", "adapter": "--adapter",
+    "data": "--data", "data_root": "--data-root", "clip": "--clip",
+}
+
+
+def flag_message(message) -> str:
+    """An error's or note's text as the command line says it: parameters named by their flags."""
+    return shown_as(message, FLAGS)
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -133,7 +152,7 @@ def _notes():
 
         def show(message, category, *args, **kwargs):
             if issubclass(category, IPAdapterNote):
-                print(f"note: {message}", file=sys.stderr)
+                print(f"note: {flag_message(message)}", file=sys.stderr)
             else:
                 shown(message, category, *args, **kwargs)
 

@@ -107,10 +107,40 @@ def load_face_embeddings(path: str | os.PathLike) -> torch.Tensor:
 
 def sized_for(processor, model) -> bool:
     """Whether ``processor`` makes pictures of the encoder's input size (a safety checker's 224 px extractor
-    does not fit a 336 px encoder, nor a tiny test one)."""
+    does not fit a 336 px encoder, nor a tiny test one). ``model``: the encoder, or its input size."""
     crop = getattr(processor, "crop_size", None)
     height = crop.get("height") if hasattr(crop, "get") else crop
-    return height is not None and int(height) == int(model.config.image_size)
+    size = model if isinstance(model, int) else model.config.image_size
+    return height is not None and int(height) == int(size)
+
+
+def default_processor(image_size: int):
+    """CLIP's preprocessing (shortest side, centre crop, CLIP mean/std) at the encoder's input size."""
+    from transformers import CLIPImageProcessor
+
+    size = int(image_size)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def encoder_processor(path: str | os.PathLike, image_size: int | None = None, fallback=None):
+    """The preprocessing of the encoder folder ``path``, for generation and training alike: the folder's own
+    preprocessor config, else the model folder's ``feature_extractor/`` beside it or ``fallback`` (a pipeline's
+    or model folder's feature extractor) when sized for this encoder, else CLIP's defaults at its input size.
+    ``image_size``: the encoder's input size (default: read from its config.json)."""
+    from transformers import CLIPImageProcessor
+
+    path = Path(path)
+    if (path / "preprocessor_config.json").is_file():
+        return CLIPImageProcessor.from_pretrained(str(path))
+    if image_size is None:
+        from transformers import CLIPVisionConfig
+
+        image_size = int(CLIPVisionConfig.from_pretrained(str(path)).image_size)
+    sibling = path.parent / "feature_extractor"
+    guesses = [CLIPImageProcessor.from_pretrained(str(sibling))] if (sibling / "preprocessor_config.json").is_file() \
+        else []
+    return next((p for p in [*guesses, fallback] if p is not None and sized_for(p, image_size)),
+                None) or default_processor(image_size)
 
 
 CROPS: tuple[str, ...] = ("center", "top", "bottom", "left", "right", "pad")
@@ -279,20 +309,14 @@ class ImageEncoder:
     """A frozen ``CLIPVisionModelWithProjection`` with its preprocessing."""
 
     def __init__(self, model, processor=None):
-        from transformers import CLIPImageProcessor
-
         self.model = model.eval().requires_grad_(False)
-        if processor is None:
-            size = int(model.config.image_size)
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.processor = processor
+        self.processor = processor if processor is not None else default_processor(model.config.image_size)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, processor=None, fallback=None, **kwargs) -> ImageEncoder:
-        """Load an encoder folder. Preprocessing: ``processor``, else the folder's own preprocessor config, else
-        the model folder's ``feature_extractor/`` beside it or ``fallback`` (a pipeline's feature extractor) when
-        sized for this encoder, else a CLIPImageProcessor sized to the encoder."""
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        """Load an encoder folder. Preprocessing: ``processor``, else :func:`encoder_processor`'s rule (the
+        folder's own config, else a sized ``feature_extractor/`` beside it or ``fallback``, else CLIP's defaults)."""
+        from transformers import CLIPVisionModelWithProjection
 
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -303,14 +327,8 @@ class ImageEncoder:
             model = CLIPVisionModelWithProjection.from_pretrained(str(path), **kwargs)
         except Exception as e:  # noqa: BLE001
             raise IPAdapterError(f"{path}: cannot load the image encoder ({' '.join(str(e).split())[:140]})") from None
-        if processor is None and (path / "preprocessor_config.json").is_file():
-            processor = CLIPImageProcessor.from_pretrained(str(path))
         if processor is None:
-            sibling = path.parent / "feature_extractor"
-            guesses = []
-            if (sibling / "preprocessor_config.json").is_file():
-                guesses.append(CLIPImageProcessor.from_pretrained(str(sibling)))
-            processor = next((p for p in [*guesses, fallback] if p is not None and sized_for(p, model)), None)
+            processor = encoder_processor(path, int(model.config.image_size), fallback)
         return cls(model, processor)
 
     @property

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from ..core.encoders import load_image
-from ..core.errors import IPAdapterError
+from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
 
 ATTRIBUTES = ("background", "colour", "shape")
@@ -68,8 +68,8 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
     records = read_records(data, data_root, bad)
     total = len(records) + bad.count
     if bad.count:
-        raise IPAdapterError(f"--data {data}: {_bad_line(bad, total)}; evaluation uses every pair, so fix the data "
-                             "or the paths (--data-root)")
+        raise IPAdapterError(f"{param('data')} {data}: {_bad_line(bad, total)}; evaluation uses every pair, so fix "
+                             f"the data or the paths ({param('data_root')})")
     records = records[:limit] if limit is not None else records
     truth = _world_truth(data)
     pairs = []
@@ -87,7 +87,7 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
             known = parse(image)  # exact on clean world images
         pairs.append(Pair(image, record.text, name, known))
     if bad.count:
-        raise IPAdapterError(f"--data {data}: {_bad_line(bad, len(records))}; evaluation uses every pair")
+        raise IPAdapterError(f"{param('data')} {data}: {_bad_line(bad, len(records))}; evaluation uses every pair")
     return pairs
 
 
@@ -149,12 +149,12 @@ class ClipScorer:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         if path.exists() and not (path / "config.json").is_file():
-            raise IPAdapterError(f"--clip {path}: not a CLIPModel folder (no config.json)")
+            raise IPAdapterError(f"{param('clip')} {path}: not a CLIPModel folder (no config.json)")
         try:
             model = CLIPModel.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
         except Exception as e:  # noqa: BLE001 - any load failure is bad input
-            raise IPAdapterError(f"--clip {path}: cannot load a CLIP model and its tokenizer "
+            raise IPAdapterError(f"{param('clip')} {path}: cannot load a CLIP model and its tokenizer "
                                  f"({' '.join(str(e).split())[:140]})") from None
         try:
             processor = CLIPImageProcessor.from_pretrained(str(path), local_files_only=not _looks_like_hub_id(path))
@@ -216,7 +216,7 @@ def _from_world_folder(folder: Path) -> ClipScorer:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
         processor = CLIPImageProcessor.from_pretrained(str(folder / "feature_extractor"))
     except Exception as e:  # noqa: BLE001
-        raise IPAdapterError(f"--clip {folder}: cannot assemble the world's CLIP model "
+        raise IPAdapterError(f"{param('clip')} {folder}: cannot assemble the world's CLIP model "
                              f"({' '.join(str(e).split())[:140]})") from None
     config = CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
                         projection_dim=vision.config.projection_dim)
@@ -233,7 +233,7 @@ def _from_world_folder(folder: Path) -> ClipScorer:
 
 
 def find_clip(explicit: str | os.PathLike | None, model_dir: str | os.PathLike | None) -> str | Path:
-    """--clip, else ``<model>/clip`` (a CLIPModel folder), else the world model's own CLIP towers."""
+    """``explicit``, else ``<model>/clip`` (a CLIPModel folder), else the world model's own CLIP towers."""
     if explicit is not None:
         return explicit
     if model_dir is not None:
@@ -242,7 +242,7 @@ def find_clip(explicit: str | os.PathLike | None, model_dir: str | os.PathLike |
             return model_dir / "clip"
         if (model_dir / "text_projection.safetensors").is_file():
             return model_dir
-    raise IPAdapterError("no CLIP model to score with: pass --clip DIR (a transformers CLIPModel folder, "
+    raise IPAdapterError(f"no CLIP model to score with: pass {param('clip')} DIR (a transformers CLIPModel folder, "
                          "e.g. openai/clip-vit-large-patch14 as in the paper)")
 
 
@@ -383,15 +383,16 @@ def evaluate(target, pairs: Sequence[Pair], clip: ClipScorer | None, settings: E
 @torch.no_grad()
 def generate_batch(target, pairs: Sequence[Pair], indices: Sequence[int],
                    settings: EvalSettings) -> list[list[Image.Image]]:
-    """``settings.samples`` images for each pair, in one pipeline call: [pair][sample]."""
-    from ..generation.pipeline import IPAdapter, check_scale
+    """``settings.samples`` images for each pair, in one :meth:`IPAdapter.generate` call: [pair][sample]."""
+    from ..generation.pipeline import ImagePrompt, IPAdapter
 
     ip = target if isinstance(target, IPAdapter) else None
-    pipe = ip.pipe if ip is not None else target
     texts = [settings.text_for(p) for p in pairs]
     generators = [torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i, k, settings.samples))
                   for i in indices for k in range(settings.samples)]
-    if not settings.text_only:
+    if settings.text_only:  # the base model alone: no adapter acts
+        ip, prompts = IPAdapter(ip.pipe if ip is not None else target, []), []
+    else:
         if ip is None:
             raise IPAdapterError("an image-prompt evaluation needs a pipeline with an adapter (or text_only=True)")
         if len(ip.adapters) != 1:
@@ -399,27 +400,14 @@ def generate_batch(target, pairs: Sequence[Pair], indices: Sequence[int],
         scales = {settings.scale_for(t) for t in texts}
         if len(scales) > 1:  # per-pair text decides the default scale: one call per scale
             return _split_by_scale(target, pairs, indices, settings, texts)
-        adapter = ip.adapters[0]
-        adapter.state.scale = check_scale(scales.pop())
-        cond, uncond = ip.features(adapter, _prompt([p.image for p in pairs]))
-        # [n, T, C]: n prompts of one image each, rows laid out as the pipeline's num_images_per_prompt
-        adapter.state.set_tokens(adapter.project(cond), adapter.project(uncond))
-    try:
-        negative = [settings.negative_prompt] * len(texts) if settings.negative_prompt is not None else None
-        out = pipe(prompt=texts, negative_prompt=negative,
-                   num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generators,
-                   num_images_per_prompt=settings.samples, width=settings.width, height=settings.height).images
-    finally:
-        if ip is not None:
-            ip.clear()
+        # one image set per text prompt: prompt j is conditioned on pair j's image
+        prompts = [ImagePrompt(images=[[p.image] for p in pairs], scale=scales.pop())]
+    negative = [settings.negative_prompt] * len(texts) if settings.negative_prompt is not None else None
+    out = ip.generate(prompts=prompts, prompt=texts, negative_prompt=negative, num_inference_steps=settings.steps,
+                      guidance_scale=settings.guidance, generator=generators, num_images=settings.samples,
+                      width=settings.width, height=settings.height)
     s = settings.samples
     return [out[j * s : (j + 1) * s] for j in range(len(pairs))]
-
-
-def _prompt(images):
-    from ..generation.pipeline import ImagePrompt
-
-    return ImagePrompt(images=images)
 
 
 def _split_by_scale(target, pairs, indices, settings, texts):

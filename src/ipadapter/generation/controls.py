@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..core.errors import IPAdapterError, IPAdapterNote, note  # noqa: F401 - IPAdapterNote re-exported
+from ..core.errors import IPAdapterError, IPAdapterNote, note, param  # noqa: F401 - IPAdapterNote re-exported
 from ..core.files import atomic_write
 
 COMBINE_MODES: tuple[str, ...] = ("concat", "add", "subtract", "average", "norm-average", "max", "min")
@@ -38,7 +38,7 @@ PRESETS: tuple[str, ...] = ("style", "composition")
 
 
 # ------------------------------------------------------------------------------------------------- combine
-def check_combine(mode: str, source: str = "--combine") -> str:
+def check_combine(mode: str, source: str = param("combine")) -> str:
     """Our hyphenated name for ours or ComfyUI's ("norm average" -> "norm-average")."""
     key = "-".join(str(mode).strip().lower().split())
     if key not in COMBINE_MODES:
@@ -46,7 +46,7 @@ def check_combine(mode: str, source: str = "--combine") -> str:
     return key
 
 
-def check_weights(weights: Sequence[float] | None, count: int, source: str = "--image-weight") -> list[float] | None:
+def check_weights(weights: Sequence[float] | None, count: int, source: str = param("weights")) -> list[float] | None:
     """Per-image weights: None (all 1), or one finite number >= 0 per image, not all zero."""
     if weights is None or len(weights) == 0:
         return None
@@ -57,7 +57,8 @@ def check_weights(weights: Sequence[float] | None, count: int, source: str = "--
         if not math.isfinite(w) or w < 0:
             raise IPAdapterError(f"{source} {w}: must be a finite number >= 0")
     if not any(weights):
-        raise IPAdapterError(f"{source}: all weights are 0; give at least one image a weight > 0 (or --scale 0)")
+        raise IPAdapterError(f"{source}: all weights are 0; give at least one image a weight > 0 "
+                             f"(or {param('scale')} 0)")
     return weights
 
 
@@ -120,13 +121,14 @@ class Schedule:
 def schedule(start: float = 0.0, end: float = 1.0, curve: str = "constant") -> Schedule | None:
     """The schedule for a window and curve; None when the adapter acts fully throughout (nothing to do)."""
     start, end = float(start), float(end)
-    for name, value in (("--start", start), ("--end", end)):
+    for name, value in (("start", start), ("end", end)):
         if not (0.0 <= value <= 1.0):
-            raise IPAdapterError(f"{name} {value}: must be a fraction of the denoising between 0 and 1")
+            raise IPAdapterError(f"{param(name)} {value}: must be a fraction of the denoising between 0 and 1")
     if start >= end:
-        raise IPAdapterError(f"--start {start} must be below --end {end} (the adapter acts between the two)")
+        raise IPAdapterError(f"{param('start')} {start} must be below {param('end')} {end} "
+                             "(the adapter acts between the two)")
     if curve not in CURVES:
-        raise IPAdapterError(f"--curve {curve!r}: unknown curve; use one of {', '.join(CURVES)}")
+        raise IPAdapterError(f"{param('curve')} {curve!r}: unknown curve; use one of {', '.join(CURVES)}")
     if start == 0.0 and end == 1.0 and curve == "constant":
         return None
     return Schedule(start, end, curve)
@@ -180,12 +182,13 @@ def parse_blocks(text: str) -> dict[str, float]:
         try:
             scale = float(value) if value.strip() else 1.0
         except ValueError:
-            raise IPAdapterError(f"--blocks {entry!r}: {value.strip()!r} is not a number (NAME=SCALE)") from None
+            raise IPAdapterError(f"{param('blocks')} {entry!r}: {value.strip()!r} is not a number "
+                                 "(NAME=SCALE)") from None
         if not math.isfinite(scale):
-            raise IPAdapterError(f"--blocks {entry!r}: the scale must be finite")
+            raise IPAdapterError(f"{param('blocks')} {entry!r}: the scale must be finite")
         out[name] = scale
     if not out:
-        raise IPAdapterError("--blocks: empty; give a preset (style, composition) or BLOCK=SCALE entries")
+        raise IPAdapterError(f"{param('blocks')}: empty; give a preset (style, composition) or BLOCK=SCALE entries")
     return out
 
 
@@ -225,7 +228,7 @@ def block_scales(layers: Sequence, spec: str | Mapping | None, family=None) -> d
             known = sorted({".".join(layer.name.split(".")[:4]) if not layer.name.startswith("mid") else
                             "mid_block" for layer in cross})
             raise IPAdapterError(
-                f"--blocks {name!r}: no cross-attention layer of this UNet is in that block; use a preset "
+                f"{param('blocks')} {name!r}: no cross-attention layer of this UNet is in that block; use a preset "
                 f"({', '.join(PRESETS)}) or one of: {', '.join(known)}"
             )
     scales: dict[int, float] = {}

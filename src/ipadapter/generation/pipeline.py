@@ -44,7 +44,7 @@ from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
-from ..core.errors import IPAdapterError
+from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
 from . import controls
 
@@ -128,7 +128,7 @@ def _from_hub(model_id: str, kwargs: dict):
 
 def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | os.PathLike | None = None,
                        explicit: str | os.PathLike | None = None) -> Path:
-    """--image-encoder, else the model's image_encoder/, else image_encoder/ beside the adapter file."""
+    """``explicit``, else the model's image_encoder/, else image_encoder/ beside the adapter file."""
     if explicit is not None:
         return Path(explicit)
     candidates = []
@@ -141,7 +141,7 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
         if (c / "config.json").is_file():
             return c
     looked = ", ".join(str(c) for c in candidates) or "nowhere"
-    raise IPAdapterError(f"no image encoder found (looked in {looked}); pass --image-encoder DIR")
+    raise IPAdapterError(f"no image encoder found (looked in {looked}); pass {param('image_encoder')} DIR")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -149,7 +149,7 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
 class ImagePrompt:
     """What one adapter gets for a generation (:mod:`ipadapter.controls` says what each control does)."""
 
-    images: Sequence = ()  # paths or PIL images
+    images: Sequence = ()  # paths or PIL images; or one list per text prompt (several prompts in one call)
     scale: float = 1.0
     negative_images: Sequence = ()  # replace the zero/uncond branch: one for all images, or one per image
     face_embeds: torch.Tensor | str | None = None  # FaceID: [n, 512] or a file
@@ -221,20 +221,51 @@ def _count(features: Features) -> int:
     return next(t.shape[0] for t in (features.image_embeds, features.penultimate, features.face_id) if t is not None)
 
 
-def _combine_features(features: Features, weights, mode: str) -> Features:
-    return Features(*(controls.combine(t, weights, mode) if t is not None else None
+def _combine_features(features: Features, weights, mode: str, groups: int = 1) -> Features:
+    """Combine the images of each of ``groups`` equal consecutive runs (one per text prompt)."""
+    def each(t):
+        return torch.cat([controls.combine(g, weights, mode) for g in t.chunk(groups)]) if groups > 1 else \
+            controls.combine(t, weights, mode)
+
+    return Features(*(each(t) if t is not None else None
                       for t in (features.image_embeds, features.penultimate, features.face_id)))
 
 
 def _combine_uncond(features: Features) -> Features:
     """The unconditional rows of combined images: the first row when all are the same (the zero embedding, one
     negative image: ComfyUI takes the first), else their mean (one negative per image)."""
-    def one(t):
-        if t is None or t.shape[0] == 1:
-            return t
-        return t[:1].clone() if bool((t == t[:1]).all()) else t.mean(0, keepdim=True)
+    return Features(*(_first_or_mean(t) if t is not None else None
+                      for t in (features.image_embeds, features.penultimate, features.face_id)))
 
-    return Features(*(one(t) for t in (features.image_embeds, features.penultimate, features.face_id)))
+
+def _first_or_mean(t: torch.Tensor) -> torch.Tensor:
+    if t.shape[0] == 1:
+        return t
+    return t[:1].clone() if bool((t == t[:1]).all()) else t.mean(0, keepdim=True)
+
+
+def image_sets(images) -> list[list] | None:
+    """``images`` as one list per text prompt (all as long), or None for one flat list of images."""
+    items = list(images or [])
+    if not items or not all(isinstance(i, (list, tuple)) for i in items):
+        if any(isinstance(i, (list, tuple)) for i in items):
+            raise IPAdapterError("images: give a list of images, or one list of images per text prompt, not a mix")
+        return None
+    sizes = {len(i) for i in items}
+    if len(sizes) != 1 or 0 in sizes:
+        raise IPAdapterError(f"images: one list per text prompt, each as long (got {sorted(sizes)} images)")
+    return [list(i) for i in items]
+
+
+def _flattened(prompt: ImagePrompt, sets: list[list]) -> ImagePrompt:
+    """One prompt of every set's images in a row (encoded as one batch); a negative per image repeats per set."""
+    if prompt.embeds is not None or prompt.face_embeds is not None or prompt.unfold_batch:
+        raise IPAdapterError("images as one list per text prompt: give images, not embeds, face_embeds or "
+                             "unfold_batch")
+    negatives = list(prompt.negative_images or [])
+    if len(negatives) == len(sets[0]) > 1:
+        negatives = negatives * len(sets)
+    return dataclasses.replace(prompt, images=[im for s in sets for im in s], negative_images=negatives)
 
 
 def _reset(state) -> None:
@@ -350,12 +381,15 @@ class IPAdapter:
                 adapter.check_encoder(image_encoder.model)
             attach(self.denoiser, adapter)
         runtime = runtime_of(self.denoiser)
-        runtime.num_train_timesteps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
+        if runtime is not None:  # no adapters (a text-only baseline): the pipeline as it is
+            runtime.num_train_timesteps = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
         self._follow(pipe)
 
     def _follow(self, pipe) -> None:
         """The adapter reads whether guidance is on from the pipeline that runs (see :meth:`pipeline_for`)."""
-        runtime_of(self.denoiser).cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        runtime = runtime_of(self.denoiser)
+        if runtime is not None:
+            runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -414,9 +448,10 @@ class IPAdapter:
     def _embeds(self, adapter: Adapter, prompt: ImagePrompt) -> tuple[Features, Features]:
         cfg, source = adapter.config, prompt.embeds
         if prompt.images or prompt.negative_images:
-            raise IPAdapterError("--embeds replaces --image and --negative-image (the file holds both); give one")
+            raise IPAdapterError(f"{param('embeds')} replaces {param('images')} and {param('negative_images')} "
+                                 "(the file holds both); give one")
         if cfg.uses_face_id:
-            raise IPAdapterError(f"{cfg.kind} adapter: FaceID reads --face-embeds, not image embeddings")
+            raise IPAdapterError(f"{cfg.kind} adapter: FaceID reads {param('face_embeds')}, not image embeddings")
         name = _feature_field(cfg)
         if isinstance(source, (str, os.PathLike)):
             cond, uncond, _ = controls.load_embeds(source)
@@ -453,6 +488,8 @@ class IPAdapter:
         """Condition the next ``pipe(...)`` calls on these prompt images, with every control of ``prompt``.
 
         ``size`` (width, height): the output size region masks are fitted to (default: the first mask's).
+        ``prompt.images`` as one list per text prompt (each as long) conditions a pipeline call of as many text
+        prompts, prompt i on set i; weights and masks then apply to every set alike.
         Everything is checked before anything is set, so bad input leaves the adapter as it was.
         """
         prompt = prompt or ImagePrompt(images=list(images or []), scale=scale)
@@ -465,16 +502,25 @@ class IPAdapter:
         kv_scaling = _kv_scaling(prompt.embeds_scaling)
         plan = _check_comfy(prompt, mode, layers)
         prompt, tile_masks = _tiled(prompt)
+        sets = image_sets(prompt.images)
+        if sets is not None:
+            prompt = _flattened(prompt, sets)
         cond, uncond = self.features(target, prompt)
-        n = _count(cond)
+        n = _count(cond) if sets is None else len(sets[0])
         weights = controls.check_weights(prompt.weights, n)
         masks = tile_masks if tile_masks is not None else self._masks(prompt.masks, n, mode, size)
         if mode != "concat" and not prompt.unfold_batch:
-            cond, uncond = _combine_features(cond, weights, mode), _combine_uncond(uncond)
+            groups = len(sets) if sets is not None else 1
+            cond = _combine_features(cond, weights, mode, groups)
+            uncond = Features(*(torch.cat([_first_or_mean(g) for g in t.chunk(groups)]) if t is not None else None
+                                for t in (uncond.image_embeds, uncond.penultimate, uncond.face_id)))
         image_weights = None
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
-        tokens = target.project_pair(cond, uncond)
+        if sets is None:
+            tokens = target.project_pair(cond, uncond)
+        else:  # [sets x images, T, C] -> [sets, images, T, C]; cond and uncond each projected as one batch
+            tokens = tuple(t.unflatten(0, (len(sets), -1)) for t in (target.project(cond), target.project(uncond)))
         composition = None
         if plan is not None and plan.composition and prompt.composition_images:
             comp = dataclasses.replace(prompt, images=list(prompt.composition_images), negative_images=(),
@@ -491,6 +537,8 @@ class IPAdapter:
         state.masks, state.image_weights, state.kv_scaling = masks, image_weights, kv_scaling
         if prompt.unfold_batch:  # one reference per batch item: n prompts of one image each
             state.set_tokens(tokens[0][:, None], tokens[1][:, None])
+        elif sets is not None:  # one image set per text prompt
+            state.set_tokens(*tokens)
         else:
             self.set_tokens(target, *tokens)
         if composition is not None:
@@ -505,11 +553,12 @@ class IPAdapter:
         masks = list(masks)
         want = n if mode == "concat" else 1
         if len(masks) != want:
-            per = "one per --image" if mode == "concat" else f"one for the {mode} of the images"
-            raise IPAdapterError(f"{len(masks)} --image-mask for {n} image(s) with --combine {mode}: give {per}")
-        loaded = [controls.load_mask(masks[0], size, "--image-mask")]
+            per = f"one per {param('images')}" if mode == "concat" else f"one for the {mode} of the images"
+            raise IPAdapterError(f"{len(masks)} {param('masks')} for {n} image(s) with {param('combine')} {mode}: "
+                                 f"give {per}")
+        loaded = [controls.load_mask(masks[0], size, param("masks"))]
         size = size or (loaded[0].shape[1], loaded[0].shape[0])
-        loaded += [controls.load_mask(m, size, "--image-mask") for m in masks[1:]]
+        loaded += [controls.load_mask(m, size, param("masks")) for m in masks[1:]]
         return torch.stack(loaded)
 
     @staticmethod
@@ -598,6 +647,11 @@ class IPAdapter:
             raise IPAdapterError("with prompts=[ImagePrompt ...], give images and their options inside each one")
         if len(prompts) != len(self.adapters):
             raise IPAdapterError(f"{len(prompts)} image prompt(s) for {len(self.adapters)} adapter(s)")
+        texts = 1 if isinstance(prompt, str) else len(prompt)
+        for p in prompts:
+            sets = image_sets(p.images)
+            if sets is not None and len(sets) != texts:
+                raise IPAdapterError(f"images: {len(sets)} image lists for {texts} text prompt(s); give one per prompt")
         size = self.output_size(width, height)
         call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
                                        control_scales)
@@ -617,8 +671,9 @@ class IPAdapter:
                 strength = call.get("strength", accepted["strength"].default)
                 if int(num_inference_steps * strength) < 1:
                     raise IPAdapterError(
-                        f"--strength {strength:g} with --steps {num_inference_steps} leaves no denoising step "
-                        f"(it runs int(steps x strength)); raise --steps or --strength"
+                        f"{param('strength')} {strength:g} with {param('num_inference_steps')} {num_inference_steps} "
+                        f"leaves no denoising step (it runs int(steps x strength)); raise "
+                        f"{param('num_inference_steps')} or {param('strength')}"
                     )
             for i, p in enumerate(prompts):
                 self.set_images(adapter=i, prompt=p, size=size)
@@ -636,38 +691,43 @@ class IPAdapter:
         call: dict = {}
         mode = "txt2img"
         if mask_image is not None and init_image is None:
-            raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
+            raise IPAdapterError(f"{param('mask_image')} needs {param('init_image')} (the image to paint into)")
         if strength is not None:
             if init_image is None:
-                raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
+                raise IPAdapterError(f"{param('strength')} needs {param('init_image')} "
+                                     "(it is how far img2img moves from it)")
             strength = float(strength)
             if not (0.0 < strength <= 1.0):
-                raise IPAdapterError(f"--strength {strength}: must be in (0, 1] (1 = ignore the init image)")
+                raise IPAdapterError(f"{param('strength')} {strength}: must be in (0, 1] (1 = ignore the init image)")
             call["strength"] = strength
         if init_image is not None:
             mode = "img2img"
-            call["image"] = controls.fit_image(load_image(init_image), size, f"--init-image {_name(init_image)}")
+            call["image"] = controls.fit_image(load_image(init_image), size,
+                                               f"{param('init_image')} {_name(init_image)}")
         if mask_image is not None:
             mode = "inpaint"
             mask = load_image(mask_image).convert("L")
-            call["mask_image"] = controls.fit_image(mask, size, f"--inpaint-mask {_name(mask_image)}",
+            call["mask_image"] = controls.fit_image(mask, size, f"{param('mask_image')} {_name(mask_image)}",
                                                     Image.Resampling.BILINEAR)
         nets = list(controlnets or [])
         images = list(control_images or [])
         if nets or images:
             if len(images) != len(nets):
                 raise IPAdapterError(
-                    f"{len(nets)} --controlnet for {len(images)} --control-image: give one control image per ControlNet"
+                    f"{len(nets)} {param('controlnets')} for {len(images)} {param('control_images')}: give one "
+                    "control image per ControlNet"
                 )
-            fitted = [controls.fit_image(load_image(im), size, f"--control-image {_name(im)}") for im in images]
+            fitted = [controls.fit_image(load_image(im), size, f"{param('control_images')} {_name(im)}")
+                      for im in images]
             scales = control_scales if control_scales is not None else 1.0
             scales = [float(scales)] * len(nets) if isinstance(scales, (int, float)) else [float(s) for s in scales]
             if len(scales) != len(nets):
                 raise IPAdapterError(
-                    f"{len(scales)} --control-scale for {len(nets)} --controlnet: give one per ControlNet"
+                    f"{len(scales)} {param('control_scales')} for {len(nets)} {param('controlnets')}: give one per "
+                    "ControlNet"
                 )
             if any(not math.isfinite(s) for s in scales):
-                raise IPAdapterError("--control-scale: must be finite numbers")
+                raise IPAdapterError(f"{param('control_scales')}: must be finite numbers")
             call["image" if mode == "txt2img" else "control_image"] = fitted[0] if len(fitted) == 1 else fitted
             call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
         return call, mode
@@ -685,7 +745,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
     if isinstance(source, torch.nn.Module):
         model, where = source, "controlnet"
     else:
-        where = f"--controlnet {source}"
+        where = f"{param('controlnets')} {source}"
         path = Path(source)
         if not (path / "config.json").is_file():
             raise IPAdapterError(f"{where}: not a ControlNet folder (no config.json)")

@@ -238,8 +238,7 @@ def load_encoders(m: Models, cfg: TrainConfig, need_image: bool) -> None:
     for module in (m.vae, *m.text_encoders):
         frozen(module, m.device, m.dtype)
     if need_image:
-        m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg))
-        frozen(m.image_encoder.model, m.device, m.dtype)
+        load_image_encoder(m, cfg)
 
 
 def frozen(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -258,16 +257,31 @@ def image_encoder_dir(cfg: TrainConfig) -> Path:
     return path
 
 
-def clip_processor(cfg: TrainConfig, m: Models):
-    """The image encoder's preprocessing (shortest side, centre crop, CLIP mean/std); None for FaceID."""
-    if cfg.kind == "faceid":
+def _model_feature_extractor(m: Models):
+    """The model folder's feature_extractor/ (a fallback the encoder's own rule checks for size), or None."""
+    folder = m.path / "feature_extractor"
+    if not (folder / "preprocessor_config.json").is_file():
         return None
     from transformers import CLIPImageProcessor
 
-    enc_dir = image_encoder_dir(cfg)
-    src = next((d for d in (enc_dir, m.path / "feature_extractor") if (d / "preprocessor_config.json").is_file()),
-               None)
-    return CLIPImageProcessor.from_pretrained(str(src)) if src else _default_processor(enc_dir)
+    return CLIPImageProcessor.from_pretrained(str(folder))
+
+
+def clip_processor(cfg: TrainConfig, m: Models):
+    """The image encoder's preprocessing, by generation's rule (:func:`~ipadapter.core.encoders.encoder_processor`:
+    the encoder's own config, else a feature extractor sized for it, else CLIP's defaults); None for FaceID."""
+    if cfg.kind == "faceid":
+        return None
+    from ..core.encoders import encoder_processor
+
+    return encoder_processor(image_encoder_dir(cfg), fallback=_model_feature_extractor(m))
+
+
+def load_image_encoder(m: Models, cfg: TrainConfig) -> ImageEncoder:
+    """``m.image_encoder``: the encoder folder with the same preprocessing as :func:`clip_processor`, frozen."""
+    m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg), fallback=_model_feature_extractor(m))
+    frozen(m.image_encoder.model, m.device, m.dtype)
+    return m.image_encoder
 
 
 def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
@@ -941,13 +955,6 @@ def _check_resume(state: dict, cfg: TrainConfig, global_batch: int, log) -> None
             f"{global_batch} x {cfg.grad_accum}; training continues, but not on the exact batches of an unbroken run")
 
 
-def _default_processor(encoder_dir: Path):
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-    size = int(CLIPVisionConfig.from_pretrained(str(encoder_dir)).image_size)
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
 def _memory_budget() -> float:
     try:
         return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -984,8 +991,7 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
         log("validation: skipped for faceid adapters (prompts are face embeddings, CLIP-I does not apply)")
         return
     if m.image_encoder is None:  # trained from the cache: load the encoders the first time they are needed
-        m.image_encoder = ImageEncoder.from_pretrained(image_encoder_dir(cfg))
-        frozen(m.image_encoder.model, m.device, m.dtype)
+        load_image_encoder(m, cfg)
     if m.pipeline is None:
         from diffusers import AutoencoderKL
 

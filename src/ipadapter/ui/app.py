@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import IPAdapterError
+from ..core.errors import IPAdapterError, shown_as
 from ..generation.controls import COMBINE_MODES
 
 MAX_IMAGES = 4  # prompt-image slots on the page (each with a weight and a region mask)
@@ -236,7 +236,7 @@ def _read_image(path: str, what: str, mode: str = "RGB"):
     return image.convert(mode) if mode != "RGB" else image
 
 
-# The library's messages name CLI flags; on the page the same things are labelled controls.
+# Messages that name CLI flags; on the page the same things are labelled controls.
 _FLAG_LABELS = (
     ("--image-weight", "image weight"), ("--image-mask", "region mask"), ("--init-image", "img2img image"),
     ("--inpaint-mask", "inpaint mask"), ("--control-image", "control image"), ("--control-scale", "ControlNet scale"),
@@ -245,8 +245,18 @@ _FLAG_LABELS = (
 )
 
 
-def page_message(message: str, form: Form | None = None) -> str:
-    """A library message as the page says it: control names for CLI flags, file names for upload-cache paths."""
+#: the library's parameters as the page labels them (errors name parameters: ``core.errors.param``)
+_PARAM_LABELS = {
+    "images": "prompt image", "weights": "image weight", "masks": "region mask", "negative_images": "negative image",
+    "init_image": "img2img image", "mask_image": "inpaint mask", "control_images": "control image",
+    "control_scales": "ControlNet scale", "controlnets": "ControlNet", "num_inference_steps": "steps",
+}
+
+
+def page_message(message: str | BaseException, form: Form | None = None) -> str:
+    """A library message as the page says it: control names for parameters and CLI flags, file names for
+    upload-cache paths."""
+    message = shown_as(message, _PARAM_LABELS)
     for path in form.files() if form is not None else ():
         message = message.replace(str(path), Path(path).name)
     for flag, label in _FLAG_LABELS:
@@ -419,7 +429,7 @@ def _page_error(e: BaseException, form: Form | None = None):
     if isinstance(e, gr.Error):
         return e
     if isinstance(e, IPAdapterError):
-        return gr.Error(page_message(str(e), form), title="Cannot generate", print_exception=False)
+        return gr.Error(page_message(e, form), title="Cannot generate", print_exception=False)
     traceback.print_exc()  # unexpected: the server's log gets the details, the page one line
     return gr.Error(page_message(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}", form),
                     title="Generation failed", print_exception=False)
