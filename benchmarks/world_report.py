@@ -39,9 +39,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from ipadapter.core.checkpoint import parameter_count, read_checkpoint
-from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, evaluate, find_clip, world_pairs, write_json
+from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, find_clip, write_json
+from ipadapter.evaluation.evaluate import evaluate as _evaluate
 from ipadapter.generation.pipeline import EMBEDDED_MODEL, load, load_pipeline
 from ipadapter.world import shapes as world
+from ipadapter.world.judge import WorldJudge, world_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_NAMES = ("global", "plus", "simple", "pairs")  # world_model/ip-adapter_<name>.safetensors
@@ -54,6 +56,11 @@ FULL = dict(prompts=128, samples=4, steps=25, guidance=5.0, multi_prompts=32, sw
             multi_scales=[round(0.1 * i, 1) for i in range(1, 11)])
 QUICK = dict(prompts=6, samples=1, steps=3, guidance=5.0, multi_prompts=4, sweep_prompts=4, sweep_samples=1,
              scales=[0.0, 0.5, 1.0], exact_prompts=2, grid_rows=3, multi_scales=[0.3, 1.0])
+
+
+def evaluate(*args, **kwargs):
+    """Every run here is on the shapes world: scored by its judge too."""
+    return _evaluate(*args, judge=WorldJudge(), **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------- prompts

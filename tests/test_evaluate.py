@@ -13,25 +13,20 @@ import torch
 from conftest import random_image
 from ipadapter.cli import main
 from ipadapter.core.errors import IPAdapterError
-from ipadapter.evaluation.evaluate import (
-    ClipScorer,
-    EvalSettings,
-    Pair,
-    attribute_accuracy,
-    clip_i,
-    clip_t,
-    evaluate,
-    expected_attributes,
-    is_world_image,
-    read_pairs,
-    sample_seed,
-    world_pairs,
-)
+from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, clip_i, clip_t, evaluate, sample_seed
+from ipadapter.evaluation.evaluate import read_pairs as _read_pairs
 from ipadapter.generation.pipeline import load
 from ipadapter.testing import random_adapter, tiny_pipeline, tiny_tokenizer
 from ipadapter.world import shapes as world
+from ipadapter.world.judge import WorldJudge, attribute_accuracy, expected_attributes, is_world_image, world_pairs
 
 FAST = EvalSettings(samples=2, steps=2, guidance=5.0, batch_size=2)
+JUDGE = WorldJudge()  # the world's attribute judge, a plug-in of evaluate
+
+
+def read_pairs(*args, **kwargs):
+    """read_pairs with the world judge (it gives world images their true attributes)."""
+    return _read_pairs(*args, judge=WorldJudge(), **kwargs)
 
 
 def tiny_clip_folder(folder: Path) -> Path:
@@ -239,13 +234,13 @@ def test_scale_zero_is_the_text_only_baseline_and_world_attributes_are_scored(sd
     ip = load(sd15_pipe, adapter_file("sd15", "global"))
     try:
         settings = EvalSettings(samples=1, steps=2, guidance=5.0, prompt="a red circle", scale=0.0)
-        zero = evaluate(ip, pairs, clip, settings, keep_images=True)
+        zero = evaluate(ip, pairs, clip, settings, keep_images=True, judge=JUDGE)
         full = evaluate(ip, pairs, clip, EvalSettings(samples=1, steps=2, guidance=5.0, prompt="a red circle",
-                                                      scale=1.0), keep_images=True)
+                                                      scale=1.0), keep_images=True, judge=JUDGE)
     finally:
         ip.detach()
     text = evaluate(sd15_pipe, pairs, clip, EvalSettings(samples=1, steps=2, guidance=5.0, prompt="a red circle",
-                                                         text_only=True), keep_images=True)
+                                                         text_only=True), keep_images=True, judge=JUDGE)
     for a, b in zip(zero.images, text.images):
         assert pixels(a[0]).tolist() == pixels(b[0]).tolist()
     assert any(np.abs(pixels(a[0]) - pixels(b[0])).max() > 8 for a, b in zip(full.images, text.images))
@@ -420,10 +415,10 @@ def test_a_quickly_trained_adapter_beats_the_text_only_baseline(tmp_path):
     clip = ClipScorer.from_pretrained(model)
     pipe = load_pipeline(model)
     quick = dict(samples=1, steps=8, guidance=5.0, batch_size=12)
-    baseline = evaluate(pipe, pairs, clip, EvalSettings(text_only=True, **quick)).metrics
+    baseline = evaluate(pipe, pairs, clip, EvalSettings(text_only=True, **quick), judge=JUDGE).metrics
     ip = load(pipe, adapter)
     try:
-        trained = evaluate(ip, pairs, clip, EvalSettings(**quick)).metrics
+        trained = evaluate(ip, pairs, clip, EvalSettings(**quick), judge=JUDGE).metrics
     finally:
         ip.detach()
     assert trained["clip_i"] > baseline["clip_i"] + 0.05, (trained, baseline)

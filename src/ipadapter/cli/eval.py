@@ -16,7 +16,6 @@ from ..evaluation.evaluate import (
     find_clip,
     format_table,
     read_pairs,
-    world_pairs,
     write_json,
 )
 from .args import _positive_int, _scale
@@ -76,10 +75,15 @@ def cmd_eval(args) -> int:
     if adapter is not None and not args.text_only and not Path(adapter).is_file():
         raise IPAdapterError(f"--adapter {adapter}: no such file")
     model_dir = model if Path(str(model)).is_dir() else None
+    from ..world.judge import WorldJudge, world_pairs
+
+    judge = WorldJudge()  # world data are judged on their attributes too: the judge knows its prompt images
     if args.data is not None:
-        pairs = read_pairs(args.data, args.data_root, args.num_prompts)
+        pairs = read_pairs(args.data, args.data_root, args.num_prompts, judge=judge)
     else:
         pairs = world_pairs(args.num_prompts or 64)
+    if not any(p.truth is not None for p in pairs):
+        judge = None  # not world data
     clip_source = find_clip(args.clip, model_dir)
 
     # CPU-only runs join a torchrun/MPI group only when told so (accelerate's rule); GPUs are found alone
@@ -98,11 +102,12 @@ def cmd_eval(args) -> int:
     info = {"model": str(model), "adapter": None if args.text_only else str(adapter), "clip": str(clip_source),
             "data": args.data or f"world held-out (EVAL_SEED, {len(pairs)})"}
     result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
-                      progress=sys.stderr.isatty(), info=info)
+                      progress=sys.stderr.isatty(), info=info, judge=judge)
     if not state.is_main_process:
         return 0
     mode = "text-only baseline" if args.text_only else f"adapter {Path(str(adapter)).name}"
-    print(format_table(result.metrics, title=f"{mode} on {info['data']}, {args.samples} samples per prompt"))
+    print(format_table(result.metrics, title=f"{mode} on {info['data']}, {args.samples} samples per prompt",
+                       labels=judge.labels if judge is not None else None))
     if args.save_images:
         folder = Path(args.save_images)
         folder.mkdir(parents=True, exist_ok=True)

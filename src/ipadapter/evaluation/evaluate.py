@@ -8,10 +8,10 @@
 - CLIP-I: cosine similarity of the judge's image embeddings, generated image vs prompt image.
 - CLIP-T: cosine similarity of the generated image's embedding and the pair's caption's embedding (the
   paper's CLIPScore without its 2.5 weight; pairs with an empty caption are left out).
-- On the shapes world, attribute accuracy: background colour, shape colour and shape read back from the pixels
-  by :mod:`ipadapter.world_parse`, compared with the prompt image's true attributes, except those the text
-  prompt names, which the image is expected to follow instead ("on a black background" + an image of a
-  magenta triangle on yellow expects a magenta triangle on black).
+- Attribute accuracy, with a judge (a plug-in: :class:`Judge`): attributes read back from each generated image's
+  pixels, compared with those its prompt expects. The shapes world brings one
+  (:class:`ipadapter.world.judge.WorldJudge`: background colour, shape colour, shape); ``ipadapter eval`` picks
+  it for world data.
 
 Each (prompt, sample) has its own seed, ``seed + index * samples + sample``, and its own generator, so the
 images do not depend on the batch size or on how many processes share the work: under ``accelerate launch``
@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,22 +37,39 @@ from ..core.encoders import load_image
 from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
 
-ATTRIBUTES = ("background", "colour", "shape")
+
+# ---------------------------------------------------------------------------------------------------- judge
+class Judge(Protocol):
+    """Reads attributes from pixels and says which a prompt expects (e.g. :class:`ipadapter.world.judge.WorldJudge`).
+
+    ``labels``: how a table names each attribute (and "all").
+    """
+
+    labels: Mapping[str, str]
+
+    def read(self, image: Image.Image) -> dict[str, str | None]:
+        """The attributes a generated image shows."""
+
+    def expected(self, truth: dict[str, str], text_prompt: str) -> dict[str, str | None]:
+        """What a generation should show, from its prompt image's true attributes and its text prompt."""
+
+    def truth(self, image: Image.Image, path: str | None = None, data: str | os.PathLike | None = None):
+        """A prompt image's true attributes (``path``: its file, ``data``: the data it came from), or None."""
 
 
 # ---------------------------------------------------------------------------------------------------- data
 @dataclass
 class Pair:
-    """One evaluation prompt: an image, its caption and, on the shapes world, its true attributes."""
+    """One evaluation prompt: an image, its caption and, when a judge knows them, its true attributes."""
 
     image: Image.Image
     caption: str = ""
     name: str = ""
-    truth: dict[str, str] | None = None  # {"background", "colour", "shape"} when known
+    truth: dict[str, str] | None = None  # e.g. {"background", "colour", "shape"} on the shapes world
 
 
 def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = None,
-               limit: int | None = None) -> list[Pair]:
+               limit: int | None = None, judge: Judge | None = None) -> list[Pair]:
     """(image, caption) pairs from anything the trainer reads (:func:`ipadapter.data.read_records`).
 
     The official JSON list (``[{"image_file": "a.png", "text": "..."}]``, paths relative to ``data_root``,
@@ -59,8 +77,8 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
     Unlike training, evaluation skips nothing: a missing or unreadable image, or an empty caption, is an error
     (a benchmark that silently drops prompts is not comparable). Only the first ``limit`` pairs are read.
 
-    A ``samples.json`` beside the data (written by :func:`ipadapter.world.write_dataset`) gives the true
-    attributes of world images; without it, prompt images that are clean world images are read by the parser.
+    ``judge`` gives each prompt image's true attributes where it knows them (the world judge: from the world's
+    ``samples.json`` beside the data, else from the pixels of clean world images).
     """
     from ..training.data import BadItem, BadItems, decode_image, read_records
 
@@ -71,7 +89,6 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
         raise IPAdapterError(f"{param('data')} {data}: {_bad_line(bad, total)}; evaluation uses every pair, so fix "
                              f"the data or the paths ({param('data_root')})")
     records = records[:limit] if limit is not None else records
-    truth = _world_truth(data)
     pairs = []
     for index, record in enumerate(records):
         try:
@@ -80,11 +97,8 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
             bad.add(e.reason, record.name, index, e.detail)
             continue
         name = os.path.basename(record.image.path) if record.image.offset < 0 else record.name
-        known = truth.get(os.path.abspath(record.image.path)) if record.image.offset < 0 else None
-        if known is None and is_world_image(image):
-            from ..world.parse import parse
-
-            known = parse(image)  # exact on clean world images
+        path = record.image.path if record.image.offset < 0 else None  # a file of its own, not a tar member
+        known = judge.truth(image, path, data) if judge is not None else None
         pairs.append(Pair(image, record.text, name, known))
     if bad.count:
         raise IPAdapterError(f"{param('data')} {data}: {_bad_line(bad, len(records))}; evaluation uses every pair")
@@ -96,40 +110,7 @@ def _bad_line(bad, total: int) -> str:
     return f"{bad.summary(total).splitlines()[0]}, e.g. {reason}: {shown[0]}"
 
 
-def _world_truth(data: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """{absolute image path: true attributes} from the world's samples.json beside the data, if any."""
-    folder = Path(data) if Path(data).is_dir() else Path(data).parent
-    path = folder / "samples.json"
-    if not path.is_file():
-        return {}
-    try:
-        rows = json.loads(path.read_text())
-        return {os.path.abspath(folder / r["image_file"]): {k: r[k] for k in ATTRIBUTES} for r in rows}
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise IPAdapterError(f"{path}: not a world samples.json (image_file, background, colour, shape)") from None
-
-
-def is_world_image(image: Image.Image) -> bool:
-    """A clean shapes-world image: 64x64 and every pixel exactly one of the world's palette colours."""
-    from ..world import shapes as world
-
-    if image.size != (world.IMAGE_SIZE, world.IMAGE_SIZE):
-        return False
-    colours = np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)
-    palette = {tuple(c) for c in world.PALETTE.values()}
-    return len(colours) == 2 and all(tuple(int(v) for v in c) in palette for c in colours)
-
-
-def world_pairs(n: int, seed: int | None = None) -> list[Pair]:
-    """n held-out shapes-world prompts (drawn from ``world.EVAL_SEED``, never the training stream)."""
-    from ..world import shapes as world
-
-    samples = world.samples(n, world.EVAL_SEED if seed is None else seed)
-    return [Pair(world.draw(s), world.caption(s), f"eval-{i:05d}", {k: getattr(s, k) for k in ATTRIBUTES})
-            for i, s in enumerate(samples)]
-
-
-# ---------------------------------------------------------------------------------------------- the judge
+# ------------------------------------------------------------------------------------------------- CLIP
 class ClipScorer:
     """A contrastive CLIP model (image and text towers with projections) used to score generations."""
 
@@ -261,37 +242,16 @@ def clip_t(generated: Sequence[Image.Image], captions: Sequence[str], clip: Clip
     return (clip.image_embeds(generated) * clip.text_embeds(captions)).sum(-1)
 
 
-def expected_attributes(truth: dict[str, str] | None, text_prompt: str = "") -> dict[str, str] | None:
-    """What a world generation should show: the prompt image's attributes, except those the text names."""
-    if truth is None:
-        return None
-    from ..world.shapes import caption_attributes
-
-    named = caption_attributes(text_prompt) if text_prompt else {}
-    return {k: named.get(k) or truth[k] for k in ATTRIBUTES}
-
-
 def attribute_hits(parsed: dict, expected: dict) -> dict[str, bool]:
     """Per attribute: does the parsed image show what was expected (attributes expected as None are left out)."""
-    return {k: parsed.get(k) == expected[k] for k in ATTRIBUTES if expected.get(k) is not None}
+    return {k: parsed.get(k) == v for k, v in expected.items() if v is not None}
 
 
-def attribute_accuracy(generated: Sequence, expected: Sequence[dict]) -> dict[str, float]:
-    """Fraction of world images (PIL images or already-parsed dicts) showing each expected attribute.
-
-    Returns {"background", "colour", "shape", "all", "n"}; "all" counts images right on every expected one.
-    """
-    from ..world.parse import parse
-
-    if len(generated) != len(expected):
-        raise ValueError(f"{len(generated)} generated images for {len(expected)} expectations")
-    parsed = [g if isinstance(g, dict) else parse(g) for g in generated]
-    return summarize_hits([attribute_hits(p, e) for p, e in zip(parsed, expected)])
-
-
-def summarize_hits(hits: Sequence[dict[str, bool]]) -> dict[str, float]:
+def summarize_hits(hits: Sequence[dict[str, bool]], attributes: Sequence[str] | None = None) -> dict[str, float]:
+    """Per attribute the fraction of hits (among images where it was expected), "all" and "n"."""
+    attributes = attributes if attributes is not None else list(dict.fromkeys(k for h in hits for k in h))
     out: dict[str, float] = {}
-    for k in ATTRIBUTES:
+    for k in attributes:
         values = [h[k] for h in hits if k in h]
         out[k] = float(np.mean(values)) if values else float("nan")
     out["all"] = float(np.mean([all(h.values()) for h in hits])) if hits else float("nan")
@@ -339,8 +299,10 @@ class EvalResult:
 
 
 def evaluate(target, pairs: Sequence[Pair], clip: ClipScorer | None, settings: EvalSettings | None = None,
-             keep_images: bool = False, progress: bool = False, info: dict | None = None) -> EvalResult:
-    """Generate ``settings.samples`` images per pair and score them (CLIP-I, CLIP-T, world attributes).
+             keep_images: bool = False, progress: bool = False, info: dict | None = None,
+             judge: Judge | None = None) -> EvalResult:
+    """Generate ``settings.samples`` images per pair and score them (CLIP-I, CLIP-T, and with a ``judge`` the
+    attributes of pairs whose truth it knows).
 
     ``target``: an :class:`~ipadapter.pipeline.IPAdapter` with one adapter, or a plain diffusers pipeline for
     ``text_only``. Under ``accelerate launch`` each process takes every n-th pair; every process returns the
@@ -361,7 +323,7 @@ def evaluate(target, pairs: Sequence[Pair], clip: ClipScorer | None, settings: E
         chunk = mine[start : start + settings.batch_size]
         generated = generate_batch(target, [pairs[i] for i in chunk], chunk, settings)
         for j, i in enumerate(chunk):
-            records += score_prompt(pairs[i], i, generated[j], clip, settings)
+            records += score_prompt(pairs[i], i, generated[j], clip, settings, judge)
             if keep_images:
                 images[i] = generated[j]
         bar.update(len(chunk))
@@ -423,22 +385,20 @@ def _split_by_scale(target, pairs, indices, settings, texts):
 
 
 def score_prompt(pair: Pair, index: int, generated: Sequence[Image.Image], clip: ClipScorer | None,
-                 settings: EvalSettings) -> list[dict]:
+                 settings: EvalSettings, judge: Judge | None = None) -> list[dict]:
     """One record per generated image of a pair: seed, CLIP-I, CLIP-T, parsed and expected attributes."""
     text = settings.text_for(pair)
     n = len(generated)
     ci = clip_i(generated, [pair.image] * n, clip).tolist() if clip is not None else [None] * n
     ct = clip_t(generated, [pair.caption] * n, clip).tolist() if clip is not None and pair.caption else [None] * n
-    expected = expected_attributes(pair.truth, text)
+    expected = judge.expected(pair.truth, text) if judge is not None and pair.truth is not None else None
     records = []
     for k, image in enumerate(generated):
         record = {"index": index, "name": pair.name, "sample": k,
                   "seed": sample_seed(settings.seed, index, k, settings.samples), "caption": pair.caption,
                   "prompt": text, "clip_i": ci[k], "clip_t": ct[k]}
         if expected is not None:
-            from ..world.parse import parse
-
-            parsed = parse(image)
+            parsed = judge.read(image)
             record.update(expected=expected, parsed=parsed, hits=attribute_hits(parsed, expected))
         records.append(record)
     return records
@@ -456,15 +416,19 @@ def summarize(records: Sequence[dict]) -> dict:
     metrics["clip_t"], metrics["clip_t_n"] = mean("clip_t")
     hits = [r["hits"] for r in records if "hits" in r]
     if hits:
-        acc = summarize_hits(hits)
-        metrics.update({k: acc[k] for k in (*ATTRIBUTES, "all")}, attributes_n=acc["n"])
+        attributes = list(dict.fromkeys(k for r in records if "expected" in r for k in r["expected"]))
+        acc = summarize_hits(hits, attributes)
+        metrics.update({k: acc[k] for k in (*attributes, "all")}, attributes_n=acc["n"])
     return metrics
 
 
-def format_table(metrics: dict, title: str | None = None) -> str:
+_COUNTS = ("n_prompts", "n_images", "clip_i", "clip_t", "clip_t_n", "attributes_n")
+
+
+def format_table(metrics: dict, title: str | None = None, labels: Mapping[str, str] | None = None) -> str:
+    """The metrics as a two-column table; ``labels`` names the judge's attributes (a judge's ``labels``)."""
     rows = [("CLIP-I", metrics.get("clip_i")), ("CLIP-T", metrics.get("clip_t"))]
-    names = {"background": "background colour", "colour": "shape colour", "shape": "shape", "all": "all three"}
-    rows += [(names[k], metrics[k]) for k in names if k in metrics]
+    rows += [((labels or {}).get(k, k), v) for k, v in metrics.items() if k not in _COUNTS]
     width = max(len(r[0]) for r in rows)
     lines = [title] if title else []
     lines += [f"{name:<{width}}  {_fmt(value)}" for name, value in rows]
@@ -491,6 +455,6 @@ def _json_default(obj):
 
 
 __all__ = [
-    "ClipScorer", "EvalResult", "EvalSettings", "Pair", "attribute_accuracy", "clip_i", "clip_t", "evaluate",
-    "expected_attributes", "read_pairs", "world_pairs",
+    "ClipScorer", "EvalResult", "EvalSettings", "Judge", "Pair", "attribute_hits", "clip_i", "clip_t", "evaluate",
+    "read_pairs", "summarize_hits",
 ]

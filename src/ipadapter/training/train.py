@@ -647,7 +647,6 @@ def train(config: TrainConfig) -> Path:
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedType
 
     cfg = dataclasses.replace(config).check()
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # in-process callers may train several times, differently
@@ -656,62 +655,116 @@ def train(config: TrainConfig) -> Path:
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cpu, step_scheduler_with_optimizer=False)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
     out = Path(cfg.output)
-    if main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    log = Log(out, main)
+    log = Log(out, accelerator.is_main_process)
     cfg.mixed_precision = accelerator.mixed_precision
-    frozen = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     try:
-        return _train(cfg, accelerator, log, device, rank, world, main, out, frozen, DistributedType)
+        run = Run(cfg, accelerator, log)
+        setup_models(run)
+        setup_data(run)
+        setup_optimizer(run)
+        resume(run)
+        run_loop(run)
+        return write_final(run)
     finally:
         log.close()
 
 
-def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, DistributedType) -> Path:
-    # ---- models and adapter
-    m = load_models(cfg, device, frozen)
+@dataclass
+class Run:
+    """One training run: its settings, processes and every piece the steps below build and share, in order:
+    :func:`setup_models`, :func:`setup_data`, :func:`setup_optimizer`, :func:`resume`, :func:`run_loop`
+    (which calls :func:`save_checkpoint`) and :func:`write_final`."""
+
+    cfg: TrainConfig
+    accelerator: object
+    log: Log
+    # setup_models
+    m: Models | None = None
+    adapter: Adapter | None = None
+    params: list = field(default_factory=list)
+    # setup_data
+    bad: D.BadItems | None = None
+    records: list = field(default_factory=list)
+    total: int = 0
+    transform: D.Transform | None = None
+    cache: object | None = None  # the FeatureCache, None when features are computed per batch
+    cached: object | None = None  # the opened cache
+    uncond: dict = field(default_factory=dict)  # what a dropped condition becomes
+    order: D.BatchOrder | None = None
+    bucket_of: object | None = None
+    # setup_optimizer
+    model: nn.Module | None = None  # the Trainee, as accelerate wrapped it
+    optimizer: object | None = None
+    scheduler: object | None = None
+    ema: list | None = None
+    sharded_state: bool = False
+    # resume / run_loop
+    step: int = 0
+    last_saved: int | None = None
+
+    def __post_init__(self) -> None:
+        a = self.accelerator
+        self.rank, self.world, self.main, self.device = a.process_index, a.num_processes, a.is_main_process, a.device
+        self.out = Path(self.cfg.output)
+        self.frozen = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.mixed_precision, torch.float32)
+        self.global_batch = self.cfg.batch_size * self.world
+
+    def distributed(self, *kinds: str) -> bool:
+        """Whether accelerate runs one of these ``DistributedType`` names (DEEPSPEED, FSDP, ...)."""
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in tuple(DistributedType[k] for k in kinds)
+
+
+def setup_models(run: Run) -> None:
+    """The frozen UNet in the compute type, and the new adapter (fp32 master weights) attached to it."""
+    cfg, log = run.cfg, run.log
+    m = run.m = load_models(cfg, run.device, run.frozen)
     cfg.resolution = cfg.resolution or int(m.unet.config.sample_size) * m.vae_factor
     if cfg.resolution % m.vae_factor:
         raise IPAdapterError(f"--resolution {cfg.resolution}: must be a multiple of {m.vae_factor} for this VAE")
-    adapter = make_adapter(cfg, m.unet)
+    adapter = run.adapter = make_adapter(cfg, m.unet)
     attach(m.unet, adapter)
     if cfg.gradient_checkpointing:
         m.unet.enable_gradient_checkpointing()
-    if next(m.unet.parameters()).dtype != frozen:
-        m.unet.to(dtype=frozen)  # the frozen weights in the compute type; the adapter stays fp32 (master weights)
+    if next(m.unet.parameters()).dtype != run.frozen:
+        m.unet.to(dtype=run.frozen)  # the frozen weights in the compute type; the adapter stays fp32 (master weights)
     adapter.float().requires_grad_(True)
-    params = list(adapter.parameters())
+    run.params = list(adapter.parameters())
     log(f"model {m.path} ({m.variant}, {m.prediction_type}); {adapter.config.describe()}, "
-        f"{sum(p.numel() for p in params):,} trainable parameters; {world} process(es) on {device}")
+        f"{sum(p.numel() for p in run.params):,} trainable parameters; {run.world} process(es) on {run.device}")
 
-    # ---- data: the items, their buckets, and features (cached or computed per batch)
-    bad = D.BadItems()
-    records = D.read_records(cfg.data, cfg.data_root, bad)
-    total = len(records) + bad.count
+
+def setup_data(run: Run) -> None:
+    """The items, their buckets, and their features: from the cache (built first if needed) or per batch."""
+    cfg, m, log, device = run.cfg, run.m, run.log, run.device
+    bad = run.bad = D.BadItems()
+    records = run.records = D.read_records(cfg.data, cfg.data_root, bad)
+    total = run.total = len(records) + bad.count
     bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
     use_buckets = m.sdxl if cfg.buckets is None else cfg.buckets
     buckets = D.make_buckets(cfg.resolution, m.vae_factor) if use_buckets else [(cfg.resolution, cfg.resolution)]
-    transform = D.Transform(buckets, [], None, cfg.kind == "faceid", cfg.random_crop, cfg.random_flip, cfg.seed)
-    global_batch = cfg.batch_size * world
-    cache = feature_cache(cfg, m, records, buckets, len(records))
+    transform = run.transform = D.Transform(buckets, [], None, cfg.kind == "faceid", cfg.random_crop,
+                                            cfg.random_flip, cfg.seed)
+    cache = run.cache = feature_cache(cfg, m, records, buckets, len(records))
     if cache is not None:
         if not cache.complete:
             transform.clip_processor = clip_processor(cfg, m)
-            build_cache(cache, cfg, m, adapter, records, transform, accelerator, log)
+            build_cache(cache, cfg, m, run.adapter, records, transform, run.accelerator, log)
         in_memory = cache.nbytes() < _memory_budget()
         on_device = in_memory and (device.type == "cpu" or cache.nbytes() < 0.1 * _device_memory(device))
-        cached = cache.open(device if on_device else "cpu", in_memory)
+        cached = run.cached = cache.open(device if on_device else "cpu", in_memory)
         for item, reason, name, detail in cached.bad:
             if reason == "converted":
                 bad.add_mode(name, item)
             else:
                 bad.add(reason, name, item, detail)
-        uncond = cached.uncond
-        bucket_of = cached.bucket_of
+        run.uncond = cached.uncond
+        run.bucket_of = cached.bucket_of
         log(f"cache: {cache.dir} ({cache.nbytes() / 1e6:.1f} MB, "
             f"{'on ' + str(device) if on_device else 'in memory' if in_memory else 'memory-mapped'})")
         m.vae = None
@@ -719,16 +772,20 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
     else:
         load_encoders(m, cfg, cfg.kind != "faceid")
         transform.tokenizers, transform.clip_processor = m.tokenizers, clip_processor(cfg, m)
-        uncond = uncond_features(m, adapter)
-        bucket_of = D.scan_buckets(records, buckets, bad) if len(buckets) > 1 else np.zeros(len(records), np.int64)
+        run.uncond = uncond_features(m, run.adapter)
+        run.bucket_of = D.scan_buckets(records, buckets, bad) if len(buckets) > 1 else \
+            np.zeros(len(records), np.int64)
     bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
     if bad.count or bad.converted:
         log(f"data: {bad.summary(total)}")
-    order = D.BatchOrder(bucket_of, global_batch, cfg.seed)
+    run.order = D.BatchOrder(run.bucket_of, run.global_batch, cfg.seed)
 
-    # ---- optimiser, schedule, EMA; accelerate wraps model + optimiser + schedule (DDP syncs adapter grads)
-    model = Trainee(m.unet, adapter)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+
+def setup_optimizer(run: Run) -> None:
+    """Optimiser, schedule, EMA; accelerate wraps model + optimiser + schedule (DDP syncs the adapter's grads)."""
+    cfg = run.cfg
+    model = Trainee(run.m.unet, run.adapter)
+    optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
 
     def lr_factor(step: int) -> float:
@@ -738,209 +795,241 @@ def _train(cfg, accelerator, log, device, rank, world, main, out, frozen, Distri
         return warm
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = [p.detach().clone().float() for p in params] if cfg.ema_decay else None
-    sharded_state = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if run.distributed("DEEPSPEED"):
+        run.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    run.model, run.optimizer, run.scheduler = run.accelerator.prepare(model, optimizer, scheduler)
+    run.ema = [p.detach().clone().float() for p in run.params] if cfg.ema_decay else None
+    run.sharded_state = run.distributed("DEEPSPEED", "FSDP")
 
-    # ---- resume
-    step = 0
-    if main:
+
+def resume(run: Run) -> None:
+    """Remove half-written checkpoints; with ``resume``, continue from the newest complete one."""
+    cfg, out, log = run.cfg, run.out, run.log
+    if run.main:
         for stale in (out / "checkpoints").glob(".step-*.tmp") if (out / "checkpoints").is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # a save killed half-way
     if cfg.resume and (found := checkpoints(out)):
-        step, path = found[-1]
+        run.step, path = found[-1]
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        _check_resume(state, cfg, global_batch, log)
-        if sharded_state:
-            accelerator.load_state(str(path / "accelerate"))
+        _check_resume(state, cfg, run.global_batch, log)
+        if run.sharded_state:
+            run.accelerator.load_state(str(path / "accelerate"))
         else:
-            adapter.load_state_dict(state["adapter"])
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["lr_scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            for e, saved in zip(ema, state["ema"]):
+            run.adapter.load_state_dict(state["adapter"])
+            run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["lr_scheduler"])
+        if run.ema is not None and state.get("ema") is not None:
+            for e, saved in zip(run.ema, state["ema"]):
                 e.copy_(saved)
-        rng_file = path / f"rng-{rank}.pt"
+        rng_file = path / f"rng-{run.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        log(f"resumed from {path} (step {step})")
+        log(f"resumed from {path} (step {run.step})")
     elif cfg.resume:
         log(f"--resume: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
+    run.last_saved = checkpoints(out)[-1][0] if checkpoints(out) else None
 
-    def official_weights() -> dict[str, torch.Tensor]:
-        """The adapter's tensors (EMA weights when on). Collective under FSDP: call on every rank."""
-        if accelerator.distributed_type == DistributedType.FSDP:  # parameters are sharded: gather them
-            full = accelerator.get_state_dict(model)
-            return {k[len("adapter."):]: v for k, v in full.items() if k.startswith("adapter.")}
-        if ema is not None:
-            return {name: e for (name, _), e in zip(adapter.named_parameters(), ema)}
-        return adapter.state_dict()
 
-    def save(step: int) -> Path:
-        """Everything a resume needs, written to a temporary folder and renamed into place (atomic)."""
-        folder = out / "checkpoints"
-        final, tmp = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp"
-        if final.is_dir():
-            return final
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        _save_synced(rng_state(), tmp / f"rng-{rank}.pt")
-        if sharded_state:
-            accelerator.save_state(str(tmp / "accelerate"))
-        weights = official_weights()
-        accelerator.wait_for_everyone()
-        if main:
-            from ..core.checkpoint import write_checkpoint
+def official_weights(run: Run) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (EMA weights when on). Collective under FSDP: call on every rank."""
+    if run.distributed("FSDP"):  # parameters are sharded: gather them
+        full = run.accelerator.get_state_dict(run.model)
+        return {k[len("adapter."):]: v for k, v in full.items() if k.startswith("adapter.")}
+    if run.ema is not None:
+        return {name: e for (name, _), e in zip(run.adapter.named_parameters(), run.ema)}
+    return run.adapter.state_dict()
 
-            write_checkpoint(tmp / "ip-adapter.safetensors", adapter.config, weights)
-            state = {"step": step, "batches": step * cfg.grad_accum, "global_batch": global_batch, "world": world,
-                     "adapter": None if sharded_state else adapter.state_dict(),
-                     "optimizer": None if sharded_state else optimizer.state_dict(),
-                     "lr_scheduler": scheduler.state_dict(), "ema": ema,
-                     "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-                     "bad": {"skipped": dict(bad.skipped), "converted": dict(bad.converted)}}
-            _save_synced(state, tmp / "state.pt")
-            if os.environ.get("IPADAPTER_TEST_SAVE_SLEEP"):  # tests kill the process here, mid-save
-                time.sleep(float(os.environ["IPADAPTER_TEST_SAVE_SLEEP"]))
-            publish(tmp, final)
-            for _, old in checkpoints(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    """Everything a resume needs, written to a temporary folder and renamed into place (atomic)."""
+    cfg, accelerator, adapter = run.cfg, run.accelerator, run.adapter
+    folder = run.out / "checkpoints"
+    final, tmp = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp"
+    run.last_saved = step
+    if final.is_dir():
         return final
+    if run.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _save_synced(rng_state(), tmp / f"rng-{run.rank}.pt")
+    if run.sharded_state:
+        accelerator.save_state(str(tmp / "accelerate"))
+    weights = official_weights(run)
+    accelerator.wait_for_everyone()
+    if run.main:
+        from ..core.checkpoint import write_checkpoint
 
-    # ---- the loop
-    writer = _tensorboard(out, log) if main and cfg.tensorboard else None
-    workers = default_workers(cfg, accelerator)
-    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    gen = torch.Generator(device)
-    variants = 2 if (cache is not None and cfg.random_flip) else 1
-    A = cfg.grad_accum
-    T = m.alphas_cumprod.shape[0]
+        write_checkpoint(tmp / "ip-adapter.safetensors", adapter.config, weights)
+        state = {"step": step, "batches": step * cfg.grad_accum, "global_batch": run.global_batch,
+                 "world": run.world, "adapter": None if run.sharded_state else adapter.state_dict(),
+                 "optimizer": None if run.sharded_state else run.optimizer.state_dict(),
+                 "lr_scheduler": run.scheduler.state_dict(), "ema": run.ema,
+                 "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
+                 "bad": {"skipped": dict(run.bad.skipped), "converted": dict(run.bad.converted)}}
+        _save_synced(state, tmp / "state.pt")
+        if os.environ.get("IPADAPTER_TEST_SAVE_SLEEP"):  # tests kill the process here, mid-save
+            time.sleep(float(os.environ["IPADAPTER_TEST_SAVE_SLEEP"]))
+        publish(tmp, final)
+        for _, old in checkpoints(run.out)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
 
-    def batches(start: int):
-        """(k, features of this rank's rows of global batch k) for k = start, start+1, ..."""
-        end = cfg.max_steps * A
-        if cache is not None:
-            for k in range(start, end):
-                bucket, items = order.batch(k)
-                feats = cached.gather(bucket, items[rows])
-                variant = None
-                if variants > 1:
-                    flips = D.augment_draws(cfg.seed, k, global_batch)[rows, 0] < 0.5
-                    variant = torch.from_numpy(flips.astype(np.int64)).to(device)
-                yield k, pick_variant(feats, variant), [], []
-            return
-        dataset = D.ImageTextDataset(records, transform, order, bucket_of)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=StepKeys(order, start, end, rank, cfg.batch_size), num_workers=workers,
-            collate_fn=D.collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-        for k, batch in zip(range(start, end), loader):
-            yield k, pick_variant(encode(m, batch, cfg.kind), None), batch["bad"], batch["modes"]
 
+def batches(run: Run, start: int):
+    """(k, features of this rank's rows of global batch k, bad items, converted modes) for k = start, ..."""
+    cfg, device = run.cfg, run.device
+    end = cfg.max_steps * cfg.grad_accum
+    rows = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
+    if run.cache is not None:
+        variants = 2 if cfg.random_flip else 1
+        for k in range(start, end):
+            bucket, items = run.order.batch(k)
+            feats = run.cached.gather(bucket, items[rows])
+            variant = None
+            if variants > 1:
+                flips = D.augment_draws(cfg.seed, k, run.global_batch)[rows, 0] < 0.5
+                variant = torch.from_numpy(flips.astype(np.int64)).to(device)
+            yield k, pick_variant(feats, variant), [], []
+        return
+    workers = default_workers(cfg, run.accelerator)
+    dataset = D.ImageTextDataset(run.records, run.transform, run.order, run.bucket_of)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepKeys(run.order, start, end, run.rank, cfg.batch_size), num_workers=workers,
+        collate_fn=D.collate, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    for k, batch in zip(range(start, end), loader):
+        yield k, pick_variant(encode(run.m, batch, cfg.kind), None), batch["bad"], batch["modes"]
+
+
+def run_loop(run: Run) -> None:
+    """The steps: accumulate, clip, step, EMA; at check points log, validate and checkpoint; Ctrl-C saves."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (main and cfg.progress), file=sys.stderr)
-    log.bar = bar
-    window: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check: no per-step sync
-    last_check, last_time = step, time.perf_counter()
-    last_saved = checkpoints(out)[-1][0] if checkpoints(out) else None
-    source = batches(step * A)
-    model_ = accelerator.unwrap_model(model)
+    cfg, accelerator = run.cfg, run.accelerator
+    writer = _tensorboard(run.out, run.log) if run.main and cfg.tensorboard else None
+    rows = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
+    gen = torch.Generator(run.device)
+    T = run.m.alphas_cumprod.shape[0]
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (run.main and cfg.progress), file=sys.stderr)
+    run.log.bar = bar
+    checks = CheckPoints(run, writer)
+    source = batches(run, run.step * cfg.grad_accum)
     with StopRequest() as stop:
         try:
-            while step < cfg.max_steps:
+            while run.step < cfg.max_steps:
                 step_loss = None
-                for _ in range(A):
+                for _ in range(cfg.grad_accum):
                     k, feats, bad_items, modes = next(source)
                     for item, reason, name, detail in bad_items:
-                        bad.add(reason, name, item, detail)
+                        run.bad.add(reason, name, item, detail)
                     for item, mode in modes:
-                        bad.add_mode(mode, item)
-                    d = step_draws(gen, cfg.seed, k, global_batch, tuple(feats["latent_mean"].shape[1:]), T, rows)
-                    with accelerator.accumulate(model):
-                        loss = loss_for(model, m, cfg, feats, uncond, d)
+                        run.bad.add_mode(mode, item)
+                    d = step_draws(gen, cfg.seed, k, run.global_batch, tuple(feats["latent_mean"].shape[1:]), T, rows)
+                    with accelerator.accumulate(run.model):
+                        loss = loss_for(run.model, run.m, cfg, feats, run.uncond, d)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    step_loss = loss.detach() / A if step_loss is None else step_loss + loss.detach() / A
-                scheduler.step()
-                if ema is not None:
-                    torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.ema_decay)
-                step += 1
+                            accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+                        run.optimizer.step()
+                        run.optimizer.zero_grad(set_to_none=True)
+                    step_loss = loss.detach() / cfg.grad_accum if step_loss is None else \
+                        step_loss + loss.detach() / cfg.grad_accum
+                run.scheduler.step()
+                if run.ema is not None:
+                    torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1.0 - cfg.ema_decay)
+                run.step += 1
                 bar.update(1)
-                window.append((step, step_loss))
-
-                due_save = step % cfg.save_every == 0 or step == cfg.max_steps
-                due_val = cfg.validate_every and step % cfg.validate_every == 0 and cfg.validation_images
-                if not (step % cfg.log_every == 0 or due_save or due_val or (world == 1 and stop.signal)):
-                    continue
-                # ---- a check point: one sync for the window's losses, bad items and stop requests
-                flags = torch.tensor([float(stop.signal is not None), float(bad.count)], device=device)
-                losses = torch.stack([loss for _, loss in window])
-                if world > 1:
-                    losses = accelerator.reduce(losses, "mean")
-                    flags = accelerator.reduce(flags, "sum")
-                values = losses.tolist()
-                for (s, _), v in zip(window, values):
-                    if not math.isfinite(v):
-                        keep = f"the last good checkpoint is {out / 'checkpoints' / f'step-{last_saved:06d}'}" \
-                            if last_saved is not None else "no checkpoint was saved before it"
-                        raise IPAdapterError(
-                            f"loss is {v} at step {s}: training stopped; {keep} (resume from it with --resume, "
-                            "perhaps with a lower --lr or max_grad_norm)")
-                now = time.perf_counter()
-                rate = (step - last_check) / max(now - last_time, 1e-9)
-                lr = scheduler.get_last_lr()[0]
-                mean_loss = sum(values) / len(values)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if writer is not None:
-                    writer.add_scalar("train/loss", mean_loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/steps_per_s", rate, step)
-                log(f"step {step}: loss {mean_loss:.5f}, lr {lr:.2e}, {rate:.2f} steps/s", quiet=True)
-                if flags[1] > cfg.max_bad_fraction * total:  # every rank sees the same sum: all stop together
-                    raise IPAdapterError(
-                        f"--data {cfg.data}: {int(flags[1])} of {total} items are unusable (over the "
-                        f"{cfg.max_bad_fraction:.0%} limit) - {bad.summary(total).splitlines()[0]} on this process; "
-                        "fix the data or the paths (--data-root) and run again")
-                window, last_check, last_time = [], step, now
-                if due_val and main:
-                    validate(cfg, m, model_, ema, params, step, writer, log, accelerator)
-                if due_val:
-                    accelerator.wait_for_everyone()
-                if due_save:
-                    save(step)
-                    last_saved = step
-                if flags[0] > 0:
-                    path = save(step)
-                    last_saved = step
-                    log(f"interrupted at step {step}: checkpoint saved to {path}; continue with --resume")
-                    raise KeyboardInterrupt
+                checks.after_step(step_loss, stop.signal)
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
 
-    # ---- the adapter file, in the official layout
-    final = out / "ip-adapter.safetensors"
-    if last_saved != step:
-        save(step)
-    weights = official_weights()
-    if main:
+
+class CheckPoints:
+    """What happens between steps: the losses of a window of steps and the bad-item and stop counts are
+    synchronised only at check points (every ``log_every`` steps, and where a save, a validation or a stop is
+    due), which log, stop on a NaN or too many bad items, validate and save."""
+
+    def __init__(self, run: Run, writer) -> None:
+        self.run, self.writer = run, writer
+        self.window: list[tuple[int, torch.Tensor]] = []  # (step, loss) since the last check: no per-step sync
+        self.last_check, self.last_time = run.step, time.perf_counter()
+
+    def after_step(self, step_loss: torch.Tensor, stop_signal) -> None:
+        run, cfg = self.run, self.run.cfg
+        step = run.step
+        self.window.append((step, step_loss))
+        due_save = step % cfg.save_every == 0 or step == cfg.max_steps
+        due_val = cfg.validate_every and step % cfg.validate_every == 0 and cfg.validation_images
+        if not (step % cfg.log_every == 0 or due_save or due_val or (run.world == 1 and stop_signal)):
+            return
+        flags = self.sync(stop_signal)
+        if due_val and run.main:
+            validate(cfg, run.m, run.accelerator.unwrap_model(run.model), run.ema, run.params, step, self.writer,
+                     run.log, run.accelerator)
+        if due_val:
+            run.accelerator.wait_for_everyone()
+        if due_save:
+            save_checkpoint(run, step)
+        if flags[0] > 0:
+            path = save_checkpoint(run, step)
+            run.log(f"interrupted at step {step}: checkpoint saved to {path}; continue with --resume")
+            raise KeyboardInterrupt
+
+    def sync(self, stop_signal) -> torch.Tensor:
+        """One sync for the window's losses, bad items and stop requests; log; raise on NaN or bad data.
+        Returns the summed [stop requested, bad items] of every process."""
+        run, cfg = self.run, self.run.cfg
+        step, accelerator, bad = run.step, run.accelerator, run.bad
+        flags = torch.tensor([float(stop_signal is not None), float(bad.count)], device=run.device)
+        losses = torch.stack([loss for _, loss in self.window])
+        if run.world > 1:
+            losses = accelerator.reduce(losses, "mean")
+            flags = accelerator.reduce(flags, "sum")
+        values = losses.tolist()
+        for (s, _), v in zip(self.window, values):
+            if not math.isfinite(v):
+                keep = f"the last good checkpoint is {run.out / 'checkpoints' / f'step-{run.last_saved:06d}'}" \
+                    if run.last_saved is not None else "no checkpoint was saved before it"
+                raise IPAdapterError(
+                    f"loss is {v} at step {s}: training stopped; {keep} (resume from it with --resume, "
+                    "perhaps with a lower --lr or max_grad_norm)")
+        now = time.perf_counter()
+        rate = (step - self.last_check) / max(now - self.last_time, 1e-9)
+        lr = run.scheduler.get_last_lr()[0]
+        mean_loss = sum(values) / len(values)
+        run.log.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", mean_loss, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/steps_per_s", rate, step)
+        run.log(f"step {step}: loss {mean_loss:.5f}, lr {lr:.2e}, {rate:.2f} steps/s", quiet=True)
+        if flags[1] > cfg.max_bad_fraction * run.total:  # every rank sees the same sum: all stop together
+            raise IPAdapterError(
+                f"--data {cfg.data}: {int(flags[1])} of {run.total} items are unusable (over the "
+                f"{cfg.max_bad_fraction:.0%} limit) - {bad.summary(run.total).splitlines()[0]} on this process; "
+                "fix the data or the paths (--data-root) and run again")
+        self.window, self.last_check, self.last_time = [], step, now
+        return flags
+
+
+def write_final(run: Run) -> Path:
+    """The adapter file, in the official layout (after a last checkpoint if the final step has none)."""
+    final = run.out / "ip-adapter.safetensors"
+    if run.last_saved != run.step:
+        save_checkpoint(run, run.step)
+    weights = official_weights(run)
+    if run.main:
         from ..core.checkpoint import write_checkpoint
 
-        write_checkpoint(final, adapter.config, weights)
-        if bad.count or bad.converted:
-            log(f"data: {bad.summary(total)}")
-        log(f"wrote {final}")
-    accelerator.wait_for_everyone()
+        write_checkpoint(final, run.adapter.config, weights)
+        if run.bad.count or run.bad.converted:
+            run.log(f"data: {run.bad.summary(run.total)}")
+        run.log(f"wrote {final}")
+    run.accelerator.wait_for_everyone()
     return final
 
 
