@@ -341,20 +341,13 @@ def cases() -> dict:
 
 def run(names: list[str] | None = None) -> dict:
     """{"probe": ..., "torch": ..., "cases": {name: [digest, ...]}} for the named cases (default: all)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (diffusers_logging, transformers_logging):
-        lib.set_verbosity_error()
-        lib.disable_progress_bar()
-    torch.set_num_threads(1)
     table = cases()
     names = names or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise SystemExit(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(table)}")
     results = {}
-    with tempfile.TemporaryDirectory(prefix="ipadapter-identity-") as tmp:
+    with _quiet(), tempfile.TemporaryDirectory(prefix="ipadapter-identity-") as tmp:
         w = World(Path(tmp))
         for name in names:
             start = time.perf_counter()
@@ -362,7 +355,31 @@ def run(names: list[str] | None = None) -> dict:
             results[name] = [digest(x) if not isinstance(x, dict) else
                              hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest() for x in items]
             print(f"{name:<28} {len(items):>2} item(s)  {time.perf_counter() - start:6.1f} s", file=sys.stderr)
-    return {"probe": probe(), "torch": torch.__version__, "cases": results}
+        found = {"probe": probe(), "torch": torch.__version__, "cases": results}
+    return found
+
+
+@contextlib.contextmanager
+def _quiet():
+    """One CPU thread, no library logs or bars; restored after (the test calls :func:`run` in-process)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libraries]
+    threads = torch.get_num_threads()
+    for lib in libraries:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        for lib, (level, bars) in zip(libraries, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def compare(found: dict, reference: dict) -> list[str]:

@@ -359,7 +359,7 @@ class Generator:
         with lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IPAdapterNote)
             images = ip.generate(prompts=prompts, **kwargs)
-        notes = [str(w.message) for w in caught if issubclass(w.category, IPAdapterNote)]
+        notes = [page_message(w.message) for w in caught if issubclass(w.category, IPAdapterNote)]
         sampler = type(ip.pipe.scheduler).__name__
         entries = []
         for k, image in enumerate(images):
