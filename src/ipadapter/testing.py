@@ -138,3 +138,105 @@ def random_adapter(unet, kind: str = "global", encoder=None, seed: int = 0, **ov
         for p in adapter.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return adapter
+
+
+# ------------------------------------------------------------------------------------------------- Flux
+def tiny_t5_tokenizer(folder: str | os.PathLike | None = None):
+    """A character-level T5 tokenizer (Unigram over lowercase letters, digits, a few signs), built offline."""
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ",.!?'-"]
+    vocab += [("\u2581" + c, -2.5) for c in string.ascii_lowercase]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    if folder is not None:
+        tok.save_pretrained(str(folder))
+    return tok
+
+
+def tiny_siglip_encoder(hidden: int = 48, image_size: int = 32, patch: int = 8, layers: int = 2):
+    """A random ``SiglipVisionModel`` (InstantX's encoder family) with its image processor."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(4)
+    cfg = SiglipVisionConfig(hidden_size=hidden, image_size=image_size, patch_size=patch, num_hidden_layers=layers,
+                             num_attention_heads=4, intermediate_size=hidden * 2)
+    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return SiglipVisionModel(cfg).eval(), processor
+
+
+def tiny_flux_transformer(double: int = 2, single: int = 3, heads: int = 2, head_dim: int = 16,
+                          joint_dim: int = 4096, pooled_dim: int = 32, guidance: bool = True):
+    """A random ``FluxTransformer2DModel`` shaped like FLUX.1 (token width 4096, so diffusers reads XLabs v2's
+    16 tokens from the 65,536 projection rows as it does for the real files), scaled down."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(5)
+    third = head_dim // 4
+    rope = (head_dim - 2 * (head_dim * 3 // 8), head_dim * 3 // 8, head_dim * 3 // 8) if head_dim >= 8 else (third,) * 3
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=double, num_single_layers=single,
+                                  attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+                                  pooled_projection_dim=pooled_dim, guidance_embeds=guidance, axes_dims_rope=rope)
+
+
+def tiny_flux_pipeline(folder: str | os.PathLike | None = None, double: int = 2, single: int = 3,
+                       with_image_encoder: bool = True, guidance: bool = True):
+    """A random ``FluxPipeline`` (CLIP + T5 text encoders with offline tokenizers, a CLIP image encoder for XLabs
+    adapters); 32 px images are 8 x 8 tokens. Saved to ``folder`` (a diffusers model folder) when given."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="ipadapter-tok-")))
+    tokenizer_2 = tiny_t5_tokenizer()
+    transformer = tiny_flux_transformer(double, single, guidance=guidance)
+    torch.manual_seed(6)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                                        projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5_dim = transformer.config.joint_attention_dim
+    text_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_dim, d_kv=8, d_ff=32, num_layers=1,
+                                     num_heads=2, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0))
+    torch.manual_seed(7)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    encoder = tiny_image_encoder(projection=48) if with_image_encoder else None
+    fe = tiny_feature_extractor() if with_image_encoder else None
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=encoder, feature_extractor=fe)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
+def random_flux_adapter(transformer, flavour: str = "xlabs", embed_dim: int = 48, num_tokens: int | None = None,
+                        seed: int = 0, std: float = 0.2):
+    """A random XLabs (double blocks, K/V with biases) or InstantX (double + single blocks, MLP projection)
+    adapter shaped for ``transformer``."""
+    from .core.adapter import Adapter
+    from .core.config import AdapterConfig
+
+    c = transformer.config
+    width, joint = c.num_attention_heads * c.attention_head_dim, c.joint_attention_dim
+    if flavour == "xlabs":
+        layers = {i: width for i in range(c.num_layers)}
+        config = AdapterConfig(kind="global", num_tokens=num_tokens or 4, embed_dim=embed_dim,
+                               cross_attention_dim=joint, layer_widths=layers, flavour="xlabs", base_family="flux")
+    else:
+        layers = {i: width for i in range(c.num_layers + c.num_single_layers)}
+        config = AdapterConfig(kind="mlp", num_tokens=num_tokens or 8, embed_dim=embed_dim, id_hidden_dim=2 * embed_dim,
+                               cross_attention_dim=joint, layer_widths=layers, flavour="instantx", base_family="flux")
+    torch.manual_seed(seed)
+    adapter = Adapter(config)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            scale = std if not name.endswith("norm.weight") else 0.0
+            p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return adapter

@@ -216,7 +216,7 @@ def cmd_inspect(args) -> int:
     widths = sorted(set(cfg.layer_widths.values()))
     rows = [
         ("file", args.file),
-        ("kind", cfg.kind),
+        ("kind", cfg.kind if not cfg.flavour else f"{cfg.kind} ({cfg.describe()})"),
         ("tokens", f"{cfg.num_tokens} per image"),
         ("encoder feature", f"{cfg.encoder_feature} (width {cfg.embed_dim})"),
         ("cross-attention width", cfg.cross_attention_dim),

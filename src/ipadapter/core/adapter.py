@@ -50,7 +50,7 @@ class Adapter(nn.Module):
     def project(self, features) -> torch.Tensor:
         """Encoder features of n images (:class:`~ipadapter.encoders.Features`) -> tokens [n, T, C]."""
         kind = self.config.kind
-        if kind == "global":
+        if kind in ("global", "mlp"):
             x = features.image_embeds
         elif kind in ("plus", "full"):
             x = features.penultimate
@@ -90,6 +90,8 @@ class Adapter(nn.Module):
         cfg = encoder.config
         if c.kind == "global":
             got, what = getattr(cfg, "projection_dim", None), "projected embedding width"
+        elif c.kind == "mlp":  # InstantX FLUX: the pooled SigLIP embedding
+            got, what = getattr(cfg, "hidden_size", None), "pooled embedding width"
         elif c.uses_patch_features:
             got, what = getattr(cfg, "hidden_size", None), "hidden width (penultimate features)"
         else:

@@ -35,11 +35,12 @@ class LoRALinear(nn.Module):
 class IPLayer(nn.Module):
     """One attention layer's adapter weights; names match the official "ip_adapter.<i>.*" keys."""
 
-    def __init__(self, width: int, cross_dim: int | None, lora_rank: int = 0, kv_in: int | None = None):
+    def __init__(self, width: int, cross_dim: int | None, lora_rank: int = 0, kv_in: int | None = None,
+                 bias: bool = False):
         super().__init__()
-        if cross_dim is not None:
-            self.to_k_ip = nn.Linear(cross_dim, width, bias=False)
-            self.to_v_ip = nn.Linear(cross_dim, width, bias=False)
+        if cross_dim is not None:  # XLabs' Flux adapters have biases on the image K/V, the others none
+            self.to_k_ip = nn.Linear(cross_dim, width, bias=bias)
+            self.to_v_ip = nn.Linear(cross_dim, width, bias=bias)
         if lora_rank:
             kv_in = kv_in or width
             self.to_q_lora = LoRALinear(width, width, lora_rank)
@@ -73,7 +74,7 @@ def ip_layers(config) -> dict[str, IPLayer]:
             width = config.layer_widths.get(index + 1) or config.layer_widths.get(index - 1)
             cross = None
         rank = config.lora_layers.get(index, 0)
-        layers[str(index)] = IPLayer(width, cross, rank, kv_in=cross or width)
+        layers[str(index)] = IPLayer(width, cross, rank, kv_in=cross or width, bias=config.kv_bias)
     return layers
 
 

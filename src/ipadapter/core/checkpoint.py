@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import flux_checkpoint
 from .attention import ip_layers
 from .config import AdapterConfig, guess_base_family
 from .errors import IPAdapterError
@@ -101,6 +102,10 @@ _PREFIXES = (("image_proj.", "ip_adapter."), ("image_proj_model.", "adapter_modu
 
 def to_official(tensors: Tensors, source: str = "checkpoint") -> Tensors:
     """Normalise any supported layout to the official flat one ("image_proj." + "ip_adapter.")."""
+    if flux_checkpoint.is_xlabs(tensors):
+        return flux_checkpoint.xlabs_to_official(tensors, source)
+    if flux_checkpoint.is_diffusers_flux(tensors):
+        return flux_checkpoint.diffusers_flux_to_official(tensors, source)
     for proj_prefix, attn_prefix in _PREFIXES:
         for wrap in ("", "module.", "model."):
             pp, ap = wrap + proj_prefix, wrap + attn_prefix
@@ -209,6 +214,9 @@ def infer_config(
     saved = _saved_config(metadata)
     if saved.get("attention") == "concat" and not attn:
         return AdapterConfig.from_dict(saved)  # "simple adapter": nothing to infer K/V widths from
+    flux = flux_checkpoint.infer_flux_config(proj, attn, saved, source)
+    if flux is not None:
+        return flux
 
     layer_widths: dict[int, int] = {}
     lora_layers: dict[int, int] = {}
@@ -343,8 +351,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: Tensors) -> Path:
-    """Write official flat ``.safetensors`` with metadata, atomically (temporary name, then rename)."""
+def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: Tensors,
+                     layout: str | None = None) -> Path:
+    """Write ``.safetensors`` with metadata, atomically (temporary name, then rename).
+
+    ``layout``: "official" (flat "image_proj." / "ip_adapter."), or "xlabs" (XLabs' own names, what x-flux,
+    ComfyUI and diffusers' ``FluxPipeline.load_ip_adapter`` read); default: XLabs' for XLabs adapters, else official.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -359,6 +372,13 @@ def write_checkpoint(path: str | os.PathLike, config: AdapterConfig, official: T
         "base_family": config.base_family or guess_base_family(config.cross_attention_dim, config.num_layers),
         "ipadapter_config": config.to_json(),
     }
+    layout = layout or ("xlabs" if config.flavour == "xlabs" else "official")
+    if layout not in ("official", "xlabs"):
+        raise IPAdapterError(f"layout {layout!r}: use 'official' or 'xlabs'")
+    if layout == "xlabs":
+        if config.flavour != "xlabs":
+            raise IPAdapterError(f"{path}: the XLabs layout holds XLabs Flux adapters only, not {config.describe()}")
+        official = flux_checkpoint.official_to_xlabs(official)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in official.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

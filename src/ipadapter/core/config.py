@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait"]
-KINDS: tuple[str, ...] = ("global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait")
+Kind = Literal["global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp"]
+KINDS: tuple[str, ...] = ("global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp")
 
 #: Which image-encoder output each kind consumes.
 #: "image_embeds" = projected CLIP embedding, "penultimate" = hidden_states[-2] (all patch tokens + CLS),
@@ -20,6 +20,18 @@ ENCODER_FEATURE: dict[str, str] = {
     "faceid": "face_id",
     "faceid-plus": "face_id+penultimate",
     "faceid-portrait": "face_id",
+    # InstantX FLUX.1-dev: the pooled SigLIP embedding (its pooler_output, read as image_embeds) -> MLP -> tokens
+    "mlp": "image_embeds",
+}
+
+#: Adapter flavours: where and how the image attention enters a denoiser (one row per published family).
+#: kv_bias: the image K/V projections have biases; kv_norm: an RMSNorm (no weights) over each head of the image
+#: keys and values; blocks: which blocks get image attention; added: where the result joins the block.
+FLAVOURS: dict[str, dict[str, Any]] = {
+    "": dict(label="", kv_bias=False, kv_norm="", blocks="cross-attention", added="before to_out"),
+    "xlabs": dict(label="XLabs Flux", kv_bias=True, kv_norm="", blocks="double", added="after the feed-forward"),
+    "instantx": dict(label="InstantX FLUX", kv_bias=False, kv_norm="rms", blocks="double+single",
+                     added="before to_out"),
 }
 
 
@@ -60,8 +72,12 @@ class AdapterConfig:
     # "decoupled": the paper's separate image K/V per layer. "concat": the paper's "simple adapter" ablation,
     # image tokens appended to the text tokens of the existing cross-attention (no new K/V; projection only).
     attention: str = "decoupled"
+    # a row of FLAVOURS: "" (the paper's UNet adapters), "xlabs" or "instantx" (Flux transformers)
+    flavour: str = ""
 
     def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"unknown adapter flavour {self.flavour!r}; expected one of {', '.join(FLAVOURS)}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
         if self.attention not in ("decoupled", "concat"):
@@ -82,6 +98,14 @@ class AdapterConfig:
         return self.kind.startswith("faceid")
 
     @property
+    def kv_bias(self) -> bool:
+        return bool(FLAVOURS[self.flavour]["kv_bias"])
+
+    @property
+    def kv_norm(self) -> str:
+        return str(FLAVOURS[self.flavour]["kv_norm"])
+
+    @property
     def num_layers(self) -> int:
         return len(self.layer_widths)
 
@@ -97,6 +121,13 @@ class AdapterConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def describe(self) -> str:
+        if self.flavour == "xlabs":
+            width = next(iter(self.layer_widths.values()), 0)
+            return f"XLabs Flux adapter: {self.num_layers} double blocks, width {width}, {self.num_tokens} tokens"
+        if self.flavour == "instantx":
+            width = next(iter(self.layer_widths.values()), 0)
+            return (f"InstantX FLUX adapter: {self.num_layers} double + single blocks, width {width}, "
+                    f"{self.num_tokens} tokens")
         family = family_label(self.base_family)
         return (
             f"{self.kind} adapter ({family}): {self.num_layers} cross-attention layers, "
@@ -105,7 +136,8 @@ class AdapterConfig:
 
 
 #: base_family key -> the one name every message, log line and ``inspect`` uses for it
-FAMILY_LABELS: dict[str, str] = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "custom": "custom UNet"}
+FAMILY_LABELS: dict[str, str] = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "custom": "custom UNet",
+                                 "flux": "FLUX.1"}
 
 
 def family_label(base_family: str) -> str:
@@ -121,4 +153,6 @@ def guess_base_family(cross_attention_dim: int, num_layers: int) -> str:
         return "sd2"
     if cross_attention_dim == 2048 and num_layers == 70:
         return "sdxl"
+    if cross_attention_dim == 4096 and num_layers in (19, 57):
+        return "flux"
     return "custom"

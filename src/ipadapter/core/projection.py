@@ -139,6 +139,8 @@ def build_projection(config: AdapterConfig) -> nn.Module:
     if c.kind == "plus":
         return Resampler(c.embed_dim, c.resampler_dim, c.cross_attention_dim, c.resampler_depth, c.resampler_heads,
                          c.resampler_dim_head, c.resampler_ff_mult, c.num_tokens)
+    if c.kind == "mlp":  # InstantX FLUX: pooled embedding -> Linear -> GELU -> Linear -> N tokens -> LayerNorm
+        return FaceIDProjection(c.embed_dim, c.id_hidden_dim, c.cross_attention_dim, c.num_tokens, None)
     perceiver = None
     if c.kind == "faceid-plus":
         perceiver = PerceiverStack(c.embed_dim, c.cross_attention_dim, c.cross_attention_dim, c.resampler_depth,
