@@ -208,6 +208,8 @@ def tiny_flux_pipeline(folder: str | os.PathLike | None = None, double: int = 2,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     encoder = tiny_image_encoder(projection=48) if with_image_encoder else None
     fe = tiny_feature_extractor() if with_image_encoder else None
+    for model in (text, text_2, vae, transformer):
+        model.eval()  # built from configs, they start in training mode (T5's dropout would make runs random)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2,
                         tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=encoder, feature_extractor=fe)
     pipe.set_progress_bar_config(disable=True)

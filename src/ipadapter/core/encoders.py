@@ -291,6 +291,14 @@ def merge_pieces(features: torch.Tensor, tiles: int) -> torch.Tensor:
     pooled = torch.nn.functional.adaptive_avg_pool2d(grid.permute(2, 0, 1)[None], (g, g))[0]
     return torch.cat([cls.mean(0, keepdim=True), pooled.flatten(1).T[None]], dim=1)
 
+def _is_siglip(path: Path) -> bool:
+    import json
+
+    try:
+        return str(json.loads((path / "config.json").read_text()).get("model_type", "")).startswith("siglip")
+    except (OSError, ValueError):
+        return False
+
 
 @dataclass
 class Features:
@@ -323,10 +331,23 @@ class ImageEncoder:
             raise IPAdapterError(
                 f"{path}: not an image-encoder folder (no config.json); give a CLIPVisionModelWithProjection folder"
             )
+        siglip = _is_siglip(path)
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(str(path), **kwargs)
+            if siglip:  # InstantX's adapters: SigLIP (its pooled output, or hidden states)
+                from transformers import SiglipVisionModel
+
+                model = SiglipVisionModel.from_pretrained(str(path), **kwargs)
+            else:
+                model = CLIPVisionModelWithProjection.from_pretrained(str(path), **kwargs)
         except Exception as e:  # noqa: BLE001
             raise IPAdapterError(f"{path}: cannot load the image encoder ({' '.join(str(e).split())[:140]})") from None
+        if siglip:
+            from transformers import SiglipImageProcessor
+
+            if processor is None and (path / "preprocessor_config.json").is_file():
+                processor = SiglipImageProcessor.from_pretrained(str(path))
+            size = int(model.config.image_size)
+            return cls(model, processor or SiglipImageProcessor(size={"height": size, "width": size}))
         if processor is None:
             processor = encoder_processor(path, int(model.config.image_size), fallback)
         return cls(model, processor)
@@ -353,8 +374,10 @@ class ImageEncoder:
 
     def _features(self, pixel_values: torch.Tensor, field: str, batch_size: int = 0) -> torch.Tensor:
         chunks = pixel_values.split(batch_size) if batch_size > 0 else (pixel_values,)
-        if field == "image_embeds":
-            return torch.cat([self.model(c).image_embeds for c in chunks])
+        if field == "image_embeds":  # CLIP's projected embedding; SigLIP's pooled output (InstantX FLUX reads it)
+            outs = [self.model(c) for c in chunks]
+            return torch.cat([o.image_embeds if getattr(o, "image_embeds", None) is not None else o.pooler_output
+                              for o in outs])
         return torch.cat([self.model(c, output_hidden_states=True).hidden_states[-2] for c in chunks])
 
     @torch.no_grad()
@@ -368,9 +391,9 @@ class ImageEncoder:
         encoded too and merged (:func:`merge_pieces`); one image gives two feature rows, the whole image's times
         ``enhance_ratio`` and the merged pieces', several give ratio x whole + (1 - ratio) x merged each.
         """
-        if config.kind != "global" and not config.uses_patch_features:
+        if config.encoder_feature != "image_embeds" and not config.uses_patch_features:
             raise IPAdapterError(f"{config.kind} adapters read face-ID embeddings, not images alone")
-        field = "image_embeds" if config.kind == "global" else "penultimate"
+        field = "image_embeds" if config.encoder_feature == "image_embeds" else "penultimate"
         if pixel_values is None:
             pixel_values = self.pixels(images or [], prep)
         feats = self._features(pixel_values, field, batch_size)
