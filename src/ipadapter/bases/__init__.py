@@ -17,10 +17,11 @@ from ..core.attention import Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
+from .flux import FLUX
 from .unet import UNET
 
 #: every family, most specific first
-FAMILIES: tuple[BaseFamily, ...] = (UNET,)
+FAMILIES: tuple[BaseFamily, ...] = (UNET, FLUX)
 
 
 def family_of(pipe_or_denoiser) -> BaseFamily:

@@ -49,6 +49,11 @@ class CallFacts:
 
     latent_hw: tuple[int, int] | None = None
     timestep: Any = None
+    # transformer families: which branch of the image prompt this call is (the rows markers the generator handed
+    # the pipeline, see bases/flux.py: 1 conditional, 2 unconditional; None: not said), and the image tokens'
+    # position ids (Flux's img_ids: [tokens, 3], for region masks)
+    prompt_branch: int | None = None
+    token_ids: Any = None
 
 
 @dataclass
@@ -124,6 +129,17 @@ class BaseFamily:
 
     def default_size(self, pipe) -> int:
         raise NotImplementedError
+
+    #: the pipeline's guidance_scale when none is given (CFG for UNets; the distilled guidance for Flux)
+    default_guidance: float = 7.5
+
+    def project(self, adapter, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) tokens of a prompt's features, batched as the reference pipelines do (numbers match)."""
+        return adapter.project_pair(cond, uncond)
+
+    def call_kwargs(self, pipe) -> dict:
+        """What a generation hands the pipeline besides the user's arguments."""
+        return {}
 
     # -------------------------------------------------------------------------------------------- training
     def load_training_parts(self, path, device: torch.device) -> TrainingParts:

@@ -103,7 +103,10 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--prompt", default="", help="text prompt (default: none, an image-only prompt)")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: 7.5, classifier-free guidance on SD; 3.5 on Flux, where it is "
+                        "FluxPipeline's distilled guidance_scale)")
+    _add_flux_flags(g)
     g.add_argument("--seed", type=_seeds, default=[0],
                    help='S: image k gets torch.Generator("cpu").manual_seed(S+k) (remake it alone with --seed S+k); '
                         "or S1,S2,... one per image")
@@ -182,6 +185,14 @@ def _add_comfy_flags(grouped) -> None:
     grouped("--noise-seed", "noise_seed", type=int, metavar="S", help="noise seed (default 0)")
     grouped("--face-image", "face_images", repeat=True, metavar="PATH",
             help="FaceID: a face photo (insightface, the [faceid] extra, finds the face); repeat for Portrait")
+
+
+def _add_flux_flags(g) -> None:
+    f = g.add_argument_group("Flux")
+    f.add_argument("--true-cfg", type=_scale, default=None, metavar="F",
+                   help="true classifier-free guidance (FluxPipeline's true_cfg_scale; needs --negative-prompt): "
+                        "an unconditional pass per step with the negative prompt and the negative image prompt "
+                        "(a black picture unless --negative-image); XLabs v1 adapters need it")
 
 
 def _add_embed_parser(sub) -> None:
@@ -317,6 +328,8 @@ def cmd_generate(args) -> int:
             raise IPAdapterError(f"--controlnet {c['dir']}: no --control-image after it; each ControlNet needs one")
     if args.inpaint_mask and not args.init_image:
         raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
+    if getattr(args, "true_cfg", None) is not None and args.negative_prompt is None:
+        raise IPAdapterError("--true-cfg needs --negative-prompt (true CFG runs an unconditional pass with it)")
     if args.strength is not None and not args.init_image:
         raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
     seeds = args.seed if len(args.seed) > 1 else args.seed[0]
@@ -358,6 +371,7 @@ def cmd_generate(args) -> int:
             control_scales=[c.get("scale", 1.0) for c in controls] or None, init_image=args.init_image,
             mask_image=args.inpaint_mask, controlnets=[c["dir"] for c in controls] or None,
             control_images=[c["image"] for c in controls] or None,
+            **({"true_cfg_scale": args.true_cfg} if getattr(args, "true_cfg", None) is not None else {}),
         )
     seed_list = seeds if isinstance(seeds, list) else [seeds + k for k in range(args.num_images)]
     for k, (image, path) in enumerate(zip(generated, outputs)):
@@ -368,10 +382,13 @@ def cmd_generate(args) -> int:
 
 def _parameters(args, pipe, model, groups, controls, seed: int, image) -> str:
     """The PNG "parameters" text: A1111's layout, then one line per adapter and ControlNet."""
+    guidance = "default" if args.guidance is None else args.guidance
+    if getattr(args, "true_cfg", None) is not None:
+        guidance = f"{guidance}, True CFG scale: {args.true_cfg}"
     lines = [
         args.prompt,
         f"Negative prompt: {args.negative_prompt or ''}",
-        f"Steps: {args.steps}, Sampler: {type(pipe.scheduler).__name__}, CFG scale: {args.guidance}, Seed: {seed}, "
+        f"Steps: {args.steps}, Sampler: {type(pipe.scheduler).__name__}, CFG scale: {guidance}, Seed: {seed}, "
         f"Size: {image.width}x{image.height}, Model: {model}",
     ]
     base = os.path.basename

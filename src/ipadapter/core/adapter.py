@@ -30,6 +30,7 @@ class Adapter(nn.Module):
         self.image_proj = build_projection(config)
         self.ip_adapter = nn.ModuleDict(ip_layers(config))
         self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()}, concat=config.attention == "concat")
+        self.state.flavour = config.flavour  # where a transformer family's processor adds this adapter's attention
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod

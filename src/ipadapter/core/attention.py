@@ -207,6 +207,9 @@ class Runtime:
         self.latent_hw: tuple[int, int] | None = None
         self.num_train_timesteps: int = 1000
         self.cfg_hint: Callable[[], bool] | None = None  # the pipeline's do_classifier_free_guidance
+        self.prompt_branch: int | None = None  # transformer families: the current call's image-prompt branch
+        self.token_ids = None  # ... and its image tokens' position ids
+        self.patch: int = 16  # pixels per image token side (Flux: VAE factor 8 x 2x2 packing)
 
     @property
     def progress(self) -> float:
@@ -231,6 +234,8 @@ class Runtime:
             self.latent_hw = facts.latent_hw
         if facts.timestep is not None:
             self._timestep = facts.timestep
+        self.prompt_branch = getattr(facts, "prompt_branch", None)  # per call: None when this call says nothing
+        self.token_ids = getattr(facts, "token_ids", None)
 
 
 KV_SCALINGS: tuple[str, ...] = ("v", "kv", "kv-penalty", "k-mean-v-penalty")

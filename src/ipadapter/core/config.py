@@ -26,12 +26,15 @@ ENCODER_FEATURE: dict[str, str] = {
 
 #: Adapter flavours: where and how the image attention enters a denoiser (one row per published family).
 #: kv_bias: the image K/V projections have biases; kv_norm: an RMSNorm (no weights) over each head of the image
-#: keys and values; blocks: which blocks get image attention; added: where the result joins the block.
+#: keys and values; blocks: which blocks get image attention; added: where the result joins the block;
+#: negative: the unconditional image prompt when none is given ("zero": the kind's zero features, "black": a
+#: black picture encoded, as diffusers' Flux pipelines do).
 FLAVOURS: dict[str, dict[str, Any]] = {
-    "": dict(label="", kv_bias=False, kv_norm="", blocks="cross-attention", added="before to_out"),
-    "xlabs": dict(label="XLabs Flux", kv_bias=True, kv_norm="", blocks="double", added="after the feed-forward"),
+    "": dict(label="", kv_bias=False, kv_norm="", blocks="cross-attention", added="before to_out", negative="zero"),
+    "xlabs": dict(label="XLabs Flux", kv_bias=True, kv_norm="", blocks="double", added="after the feed-forward",
+                  negative="black"),
     "instantx": dict(label="InstantX FLUX", kv_bias=False, kv_norm="rms", blocks="double+single",
-                     added="before to_out"),
+                     added="before to_out", negative="black"),
 }
 
 

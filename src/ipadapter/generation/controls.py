@@ -192,7 +192,28 @@ def parse_blocks(text: str) -> dict[str, float]:
     return out
 
 
-def block_scales(layers: Sequence, spec: str | Mapping | None, family=None) -> dict[int, float]:
+def _number_list(spec) -> list[float] | None:
+    """A list of scales ([1, 0.5] or "1,0.5"), else None."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        if not parts:
+            return None
+        try:
+            spec = [float(p) for p in parts]
+        except ValueError:
+            return None
+    if not isinstance(spec, (list, tuple)):
+        return None
+    try:
+        out = [float(s) for s in spec]
+    except (TypeError, ValueError):
+        raise IPAdapterError(f"--blocks: {list(spec)!r} is not a list of numbers") from None
+    if any(not math.isfinite(s) or s < 0 for s in out):
+        raise IPAdapterError("--blocks: scales must be finite numbers >= 0")
+    return out
+
+
+def block_scales(layers: Sequence, spec: str | Mapping | Sequence | None, family=None) -> dict[int, float]:
     """Per-layer multipliers {processor index: scale} for every cross-attention layer of a UNet.
 
     ``layers``: :func:`ipadapter.adapter.unet_layers` of the UNet. ``spec``: a string for :func:`parse_blocks`,
@@ -207,6 +228,12 @@ def block_scales(layers: Sequence, spec: str | Mapping | None, family=None) -> d
     cross = _cross_layers(layers)
     if spec is None:
         return {}
+    numbers = _number_list(spec)
+    if numbers is not None:  # one scale per layer in order (Flux: per double block, as diffusers' scale lists)
+        if not numbers or len(numbers) > len(cross):
+            raise IPAdapterError(f"--blocks: {len(numbers)} scales for {len(cross)} layers; give at most one per "
+                                 "layer, in order (Flux: one per double block)")
+        return {layer.index: (numbers[i] if i < len(numbers) else 1.0) for i, layer in enumerate(cross)}
     if isinstance(spec, str):
         flat = parse_blocks(spec)
     elif isinstance(spec, Mapping) and set(spec) <= {"down", "up", "mid"}:

@@ -43,6 +43,7 @@ from PIL import Image
 from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
+from ..core.config import FLAVOURS
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
@@ -207,6 +208,8 @@ def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
     if not images:
         raise IPAdapterError(f"{config.kind} adapter: no prompt image given")
     cond, uncond = encoder.encode(config, list(images), **options)
+    if not negative_images and FLAVOURS[config.flavour]["negative"] == "black":
+        negative_images = [Image.new("RGB", (64, 64))]  # Flux: a black picture, as diffusers' Flux pipelines encode
     if negative_images:
         neg, _ = encoder.encode(config, list(negative_images), batch_size=options.get("batch_size", 0))
         uncond = _broadcast_features(neg, cond)
@@ -214,7 +217,8 @@ def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
 
 
 def _feature_field(config) -> str:
-    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate"}.get(config.kind, "face_id")
+    return {"global": "image_embeds", "mlp": "image_embeds", "plus": "penultimate",
+            "full": "penultimate"}.get(config.kind, "face_id")
 
 
 def _count(features: Features) -> int:
@@ -518,7 +522,7 @@ class IPAdapter:
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
         if sets is None:
-            tokens = target.project_pair(cond, uncond)
+            tokens = self.family.project(target, cond, uncond)
         else:  # [sets x images, T, C] -> [sets, images, T, C]; cond and uncond each projected as one batch
             tokens = tuple(t.unflatten(0, (len(sets), -1)) for t in (target.project(cond), target.project(uncond)))
         composition = None
@@ -623,7 +627,7 @@ class IPAdapter:
     def generate(self, images: Sequence | None = None, prompt: str | Sequence[str] = "",
                  negative_prompt: str | None = None, scale: float | None = None,
                  prompts: Sequence[ImagePrompt] | None = None, num_inference_steps: int = 30,
-                 guidance_scale: float = 7.5, seed: int | Sequence[int] | None = None, generator=None,
+                 guidance_scale: float | None = None, seed: int | Sequence[int] | None = None, generator=None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
                  output_type: str = "pil", init_image=None, strength: float | None = None, mask_image=None,
                  controlnets: Sequence | None = None, control_images: Sequence | None = None,
@@ -636,7 +640,11 @@ class IPAdapter:
         it inpainting; ``controlnets`` (models or folders) with one control image each add structure control.
         ``seed`` S gives image k the seed S+k (so it can be remade alone); a list gives one seed per image.
         Side images of another size than the output are resized, with an :class:`IPAdapterNote`.
+        ``guidance_scale``: the pipeline's (default 7.5 CFG for UNets, 3.5 distilled guidance for Flux; Flux's
+        true CFG is ``true_cfg_scale`` with a ``negative_prompt``, passed on to the pipeline).
         """
+        if guidance_scale is None:
+            guidance_scale = self.family.default_guidance
         options = {k: pipe_kwargs.pop(k) for k in list(pipe_kwargs) if k in PROMPT_OPTIONS}
         if prompts is None:
             if len(self.adapters) != 1:
@@ -664,6 +672,9 @@ class IPAdapter:
         try:
             pipe = self.pipeline_for(mode, controlnets)
             accepted = inspect.signature(type(pipe).__call__).parameters
+            if "true_cfg_scale" in call and "true_cfg_scale" not in accepted:
+                raise IPAdapterError(f"--true-cfg: {type(pipe).__name__} has no true CFG (Flux pipelines have); "
+                                     "use --guidance")
             for key in ("width", "height"):  # img2img pipelines take the size from the init image
                 if key not in accepted:
                     call.pop(key)
@@ -675,6 +686,7 @@ class IPAdapter:
                         f"leaves no denoising step (it runs int(steps x strength)); raise "
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
+            call.update({k: v for k, v in self.family.call_kwargs(pipe).items() if k in accepted})
             for i, p in enumerate(prompts):
                 self.set_images(adapter=i, prompt=p, size=size)
                 refs = self.adapters[i].state.rows // 2
