@@ -25,3 +25,19 @@ def test_bench_attention_quick_prints_the_table():
         assert float(row.group(1).split("|")[-1]) < 1e-3, row.group(0)
         acts = re.search(rf"^{kind}: max abs diff ours vs bare UNet ([0-9.e+-]+)", out, re.MULTILINE)
         assert acts is not None and float(acts.group(1)) > 1e-3, out
+
+
+def test_bench_flux_quick_prints_the_table():
+    bench = BENCH.parent / "bench_flux.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "| adapter | bare ms/step | ours ms/step (added) | diffusers ms/step (added) |" in out
+    for label in ("XLabs v1 (4 tokens)", "XLabs v2 (16 tokens)"):
+        row = re.search(rf"^\| {re.escape(label)} \|(.*)\|$", out, re.MULTILINE)
+        assert row is not None, f"no {label} row in:\n{out}"
+        assert float(row.group(1).split("|")[-1]) < 1e-4, row.group(0)  # ours == diffusers on the same weights
+        acts = re.search(rf"^{re.escape(label)}: max abs diff ours vs bare transformer ([0-9.e+-]+)", out, re.MULTILINE)
+        assert acts is not None and float(acts.group(1)) > 1e-3, out
