@@ -319,3 +319,16 @@ def test_img2img_follows_diffusers_flux_img2img(pipes, image, tmp_path):
     finally:
         ip.detach()
     assert np.array_equal(zero, base) and np.abs(acting - base).max() > 1e-3
+
+
+def test_wrong_encoder_one_line_errors(pipes, tmp_path):
+    ours, _ = pipes
+    siglip, processor = tiny_siglip_encoder(hidden=48)
+    with pytest.raises(IPAdapterError, match="XLabs Flux adapter.*reads a CLIP ViT-L/14.*this encoder: SigLIP"):
+        ipadapter.load(ours, _xlabs_file(tmp_path, ours.transformer, 4),
+                       image_encoder=ipadapter.ImageEncoder(siglip, processor))
+    instantx = random_flux_adapter(ours.transformer, "instantx", embed_dim=48)
+    with pytest.raises(IPAdapterError, match="InstantX FLUX adapter.*reads a SigLIP.*this encoder: CLIP, 64") as err:
+        ipadapter.load(ours, instantx)  # the pipeline's CLIP encoder (hidden width 64)
+    assert "\n" not in str(err.value)
+    assert not attached(ours.transformer)

@@ -97,7 +97,15 @@ class Adapter(nn.Module):
             got, what = getattr(cfg, "hidden_size", None), "hidden width (penultimate features)"
         else:
             return
-        if got != c.embed_dim:
+        siglip = "siglip" in str(getattr(cfg, "model_type", ""))
+        wants_siglip = {"xlabs": False, "instantx": True}.get(c.flavour)
+        if got != c.embed_dim or (wants_siglip is not None and siglip != wants_siglip):
+            if c.flavour:  # the published Flux adapters each read one encoder
+                hint = "SigLIP so400m-patch14-384" if wants_siglip else "CLIP ViT-L/14 (CLIPVisionModelWithProjection)"
+                raise IPAdapterError(
+                    f"{source}: {c.describe()} reads a {hint} with {what} {c.embed_dim}; this encoder: "
+                    f"{'SigLIP' if siglip else 'CLIP'}, {got}"
+                )
             raise IPAdapterError(
                 f"{source}: {c.kind} adapter expects an image encoder with {what} {c.embed_dim}; "
                 f"this encoder has {got} (wrong encoder for this adapter, e.g. ViT-H vs ViT-bigG?)"
