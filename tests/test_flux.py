@@ -332,3 +332,16 @@ def test_wrong_encoder_one_line_errors(pipes, tmp_path):
         ipadapter.load(ours, instantx)  # the pipeline's CLIP encoder (hidden width 64)
     assert "\n" not in str(err.value)
     assert not attached(ours.transformer)
+
+
+def test_siglip_encoder_folder_loads_and_gives_the_pooled_embedding(tmp_path, image):
+    siglip, processor = tiny_siglip_encoder(hidden=48)
+    siglip.save_pretrained(str(tmp_path / "siglip"))
+    processor.save_pretrained(str(tmp_path / "siglip"))
+    encoder = ipadapter.ImageEncoder.from_pretrained(tmp_path / "siglip")
+    assert type(encoder.model).__name__ == "SiglipVisionModel"
+    config = random_flux_adapter(tiny_flux_pipeline(with_image_encoder=False).transformer, "instantx",
+                                 embed_dim=48).config
+    cond, uncond = encoder.encode(config, [image])
+    want = siglip(processor(images=[image], return_tensors="pt").pixel_values).pooler_output
+    assert torch.allclose(cond.image_embeds, want, atol=1e-6) and cond.image_embeds.shape == (1, 48)
