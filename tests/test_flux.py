@@ -345,3 +345,20 @@ def test_siglip_encoder_folder_loads_and_gives_the_pooled_embedding(tmp_path, im
     cond, uncond = encoder.encode(config, [image])
     want = siglip(processor(images=[image], return_tensors="pt").pixel_values).pooler_output
     assert torch.allclose(cond.image_embeds, want, atol=1e-6) and cond.image_embeds.shape == (1, 48)
+
+
+def test_flux_block_specs():
+    from ipadapter.bases import family_of
+    from ipadapter.generation.controls import block_scales
+
+    pipe = tiny_flux_pipeline(with_image_encoder=False)
+    family = family_of(pipe)
+    layers = family.layers(pipe.transformer)  # 2 double blocks (0, 1), then 3 single blocks (2, 3, 4)
+    stems = [layer.name.split(".")[0] for layer in layers]
+    assert stems == ["transformer_blocks"] * 2 + ["single_transformer_blocks"] * 3
+    assert block_scales(layers, [1.0, 0.5], family) == {0: 1.0, 1: 0.5, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert block_scales(layers, "transformer_blocks.1=0.3,*=0", family) == {0: 0, 1: 0.3, 2: 0, 3: 0, 4: 0}
+    with pytest.raises(IPAdapterError, match="Flux has no presets"):
+        block_scales(layers, "style", family)
+    with pytest.raises(IPAdapterError, match="6 scales for 5 layers"):
+        block_scales(layers, "1,1,1,1,1,1", family)

@@ -331,4 +331,17 @@ class FluxFamily(BaseFamily):
                 "negative_ip_adapter_image_embeds": prompt_markers(UNCOND, device)}
 
 
+    def preset_blocks(self, layers: list[Layer], preset: str) -> list[str]:
+        raise IPAdapterError(f"--blocks {preset!r}: Flux has no presets; give one scale per double block "
+                             "(e.g. '1,1,0.5,...') or entries such as 'transformer_blocks.3=1,*=0'")
+
+    def new_config(self, denoiser: nn.Module, kind: str, embed_dim: int, num_tokens: int | None = None,
+                   **overrides) -> AdapterConfig:
+        raise IPAdapterError("training Flux adapters is not supported yet (generation with XLabs and InstantX "
+                             "files is)")
+
+    def load_training_parts(self, path, device: torch.device):
+        raise IPAdapterError(f"--model {path}: training Flux adapters is not supported yet")
+
+
 FLUX = FluxFamily()
