@@ -14,7 +14,9 @@ latent tokens (defaults: 2 heads = width 256, 4 double + 8 single blocks, 16x16 
   projection and every double block's image K/V run at every step.
 
 Variants run interleaved in rounds (rotating order); the added cost is the median over rounds of (variant - bare)
-in the same round, with its interquartile range. Each run checks that ours equals diffusers' output.
+in the same round, with its interquartile range; the best-of-rounds ratio compares each variant's fastest round
+(robust where other processes share the machine: they only ever add time). Each run checks that ours equals
+diffusers' output.
 Run: ``python benchmarks/bench_flux.py [--quick] [--device cuda] [--threads N] [--full-size]``.
 """
 
@@ -160,8 +162,8 @@ def main() -> None:
           f"{args.latent}x{args.latent} latent tokens, {args.text} text tokens; {args.rounds} rounds x "
           f"{args.steps} steps")
     print("| adapter | bare ms/step | ours ms/step (added) | diffusers ms/step (added) | ours added / diffusers added "
-          "| ours one-off ms | max abs diff ours vs diffusers |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| same, best-of-rounds | ours one-off ms | max abs diff ours vs diffusers |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, tokens in (("XLabs v1 (4 tokens)", 4), ("XLabs v2 (16 tokens)", 16)):
         times, once, diff, acts = run_tokens(args, tokens)
         bare = statistics.median(times["bare"])
@@ -169,7 +171,13 @@ def main() -> None:
         ratio = added["ours"][1] / added["diffusers"][1] if added["diffusers"][1] > 0 else float("nan")
         cells = [f"{bare + added[n][1]:.1f} ({added[n][1]:+.2f}, IQR [{added[n][0]:+.2f}, {added[n][2]:+.2f}])"
                  for n in ("ours", "diffusers")]
-        print(f"| {label} | {bare:.1f} | {cells[0]} | {cells[1]} | {ratio:.2f} | {once:.2f} | {diff:.1e} |")
+        # best of rounds: on a shared machine other processes only ever add time, so the fastest round of each
+        # variant is the least disturbed one
+        best = {n: min(times[n]) for n in times}
+        gap = best["diffusers"] - best["bare"]
+        best_ratio = (best["ours"] - best["bare"]) / gap if gap > 0 else float("nan")
+        print(f"| {label} | {bare:.1f} | {cells[0]} | {cells[1]} | {ratio:.2f} | {best_ratio:.2f} | {once:.2f} "
+              f"| {diff:.1e} |")
         print(f"{label}: max abs diff ours vs bare transformer {acts:.3e}")
 
 
