@@ -362,3 +362,20 @@ def test_flux_block_specs():
         block_scales(layers, "style", family)
     with pytest.raises(IPAdapterError, match="6 scales for 5 layers"):
         block_scales(layers, "1,1,1,1,1,1", family)
+
+
+def test_instantx_precomputed_embeddings_give_the_same_image(pipes, image, tmp_path):
+    from ipadapter.generation.controls import save_embeds
+
+    ours, _ = pipes
+    siglip, processor = tiny_siglip_encoder(hidden=48)
+    adapter = random_flux_adapter(ours.transformer, "instantx", embed_dim=48, num_tokens=8, std=0.5)
+    ip = ipadapter.load(ours, adapter, image_encoder=ipadapter.ImageEncoder(siglip, processor))
+    try:
+        cond, uncond = ip.embed([image])
+        save_embeds(tmp_path / "ref.safetensors", cond, uncond, {})
+        direct = ip.generate(images=[image], scale=0.9, seed=0, **RUN)
+        stored = ip.generate(embeds=str(tmp_path / "ref.safetensors"), scale=0.9, seed=0, **RUN)
+    finally:
+        ip.detach()
+    assert np.array_equal(direct, stored)
