@@ -49,19 +49,32 @@ def load_tensors(path: str | os.PathLike) -> Tensors:
             ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # weights_only's own refusal, and garbage it can tell from a pickle
         # weights_only refuses pickled classes by name ("Unsupported global: GLOBAL argparse.Namespace"); any
         # other unpickling failure (bad opcode, garbage bytes) means the file itself is damaged.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found is None:
-            raise IPAdapterError(f"{path}: not a readable checkpoint (corrupt: not a torch file)") from None
+            raise IPAdapterError(_not_a_checkpoint(path, "not a torch file")) from None
         raise IPAdapterError(
             f"{path}: holds non-tensor Python objects ({found.group(1)}), refused for safety (weights_only load); "
             "convert it where you trust it, or use a .safetensors file"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise IPAdapterError(f"{path}: not a readable checkpoint (truncated or corrupt: {_short(e)})") from None
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        # a text or other non-pickle file read by the weights-only unpickler: "pop from empty list" (IndexError)
+        # for most text, KeyError for a few bytes whose first one reads as an opcode
+        raise IPAdapterError(_not_a_checkpoint(path, f"{type(e).__name__}: {_short(e)}")) from None
     return _flatten(obj, path)
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _not_a_checkpoint(path: Path, reason: str) -> str:
+    what = "corrupt" if path.suffix.lower() in CHECKPOINT_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
+    return (f"{path}: not a checkpoint ({what}: {reason}); an adapter is a .safetensors file, or a torch "
+            ".bin/.pt/.ckpt file of tensors (e.g. ip-adapter_sd15.safetensors)")
 
 
 def resolve_file(path: str | os.PathLike) -> Path:

@@ -15,6 +15,7 @@ normalised by the processor.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -26,9 +27,34 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import AdapterConfig
-from .errors import IPAdapterError
+from .errors import IPAdapterError, note
 
 MAX_PIXELS = 50_000_000
+
+
+class _NoBackendFallbackNotice(logging.Filter):
+    """transformers 5 logs "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`" the first time anything looks the name up, diffusers' pipeline modules included
+    (at import). The PIL backend is what this library means to use without torchvision, so the notice tells
+    a user nothing to act on: it is dropped, and nothing else from that logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoBackendFallbackNotice())
+
+
+def clip_processor_class():
+    """``CLIPImageProcessor``, or its PIL backend where torchvision is missing (what transformers would fall back
+    to, looked up by that name so that no fallback notice is logged)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
 
 
 def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
@@ -51,6 +77,10 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
                     f"{path}: {img.width}x{img.height} is over 50 megapixels; resize it first (prompt images are "
                     "seen at the encoder's resolution, 224 px for CLIP)"
                 )
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1:
+                note(f"{path}: {'an animated' if img.format in ('GIF', 'PNG', 'WEBP') else 'a multi-frame'} "
+                     f"image ({frames} frames); the first frame is used")
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img, str(path))
@@ -116,7 +146,7 @@ def sized_for(processor, model) -> bool:
 
 def default_processor(image_size: int):
     """CLIP's preprocessing (shortest side, centre crop, CLIP mean/std) at the encoder's input size."""
-    from transformers import CLIPImageProcessor
+    CLIPImageProcessor = clip_processor_class()  # noqa: N806 - the class transformers would pick
 
     size = int(image_size)
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -127,7 +157,7 @@ def encoder_processor(path: str | os.PathLike, image_size: int | None = None, fa
     preprocessor config, else the model folder's ``feature_extractor/`` beside it or ``fallback`` (a pipeline's
     or model folder's feature extractor) when sized for this encoder, else CLIP's defaults at its input size.
     ``image_size``: the encoder's input size (default: read from its config.json)."""
-    from transformers import CLIPImageProcessor
+    CLIPImageProcessor = clip_processor_class()  # noqa: N806 - the class transformers would pick
 
     path = Path(path)
     if (path / "preprocessor_config.json").is_file():

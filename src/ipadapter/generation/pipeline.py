@@ -46,7 +46,7 @@ from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
-from . import controls
+from . import controls, limits
 
 
 # ------------------------------------------------------------------------------------------ model loading
@@ -619,6 +619,9 @@ class IPAdapter:
         default = self.family.default_size(self.pipe)
         return int(width or default), int(height or default)
 
+    def _max_steps(self) -> int:
+        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", limits.MAX_STEPS))
+
     # -------------------------------------------------------------------------------------------- generate
     def generate(self, images: Sequence | None = None, prompt: str | Sequence[str] = "",
                  negative_prompt: str | None = None, scale: float | None = None,
@@ -653,6 +656,8 @@ class IPAdapter:
             if sets is not None and len(sets) != texts:
                 raise IPAdapterError(f"images: {len(sets)} image lists for {texts} text prompt(s); give one per prompt")
         size = self.output_size(width, height)
+        guidance_scale = limits.check_request(guidance_scale, num_inference_steps, num_images, size,
+                                              self.output_size(), self._max_steps())
         call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
                                        control_scales)
         batch = (1 if isinstance(prompt, str) else len(prompt)) * int(num_images)
