@@ -325,8 +325,8 @@ def test_advanced_controls_reach_the_library(server, library, tmp_path):
 
     entries, _ = app.ipadapter_generator.run(form)
     text = entries[0]["text"]
-    for part in ("b.png (weight 0.5)", "mask left.png", "IP-Adapter blocks: style", "IP-Adapter range: 0-0.6",
-                 "Denoising strength: 0.8", "IP-Adapter negative image: b.png"):
+    for part in ("image: b.png, image weight: 0.5", "image mask: left.png", "blocks: style", "end: 0.6",
+                 "Denoising strength: 0.8", "negative image: b.png"):
         assert part in text, text
     plain = ui.Form(images=[str(a), None, None, None], weights=[1.0] * 4, masks=[None] * 4, seed=4,
                     random_seed=False, steps=2, width=32, height=32)

@@ -17,7 +17,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                           "launch with `accelerate launch -m ipadapter.cli train ...` for several "
                                           "GPUs.")
     t.add_argument("--config", help="JSON file of TrainConfig settings (see configs/)")
-    t.add_argument("--model", help="diffusers model folder (SD 1.x or SDXL)")
+    t.add_argument("--model", help="diffusers model folder (SD 1.x or SDXL; default: the embedded world model, "
+                                   "ipadapter.embedded_model())")
     t.add_argument("--data", help=".json/.jsonl list, folder of images + .txt captions, or .tar shards")
     t.add_argument("--data-root", help="folder the JSON list's paths are relative to")
     t.add_argument("--output", help="output folder: ip-adapter.safetensors, checkpoints/, logs/")
@@ -53,6 +54,10 @@ def config_from_args(args) -> TrainConfig:
              "batch_size": args.batch_size, "resolution": args.resolution, "save_every": args.save_every,
              "lr": args.lr, "cache": args.cache}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if not values.get("model"):  # as generate/eval/ui: the embedded world model (ipadapter.embedded_model())
+        from ..generation.pipeline import embedded_model
+
+        values["model"] = str(embedded_model()[0])
     if args.no_cache:
         values["cache"] = None
     if args.resume:

@@ -45,7 +45,6 @@ from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
-from ..core.files import atomic_write
 from . import controls, limits
 
 
@@ -117,18 +116,45 @@ def _from_hub(model_id: str, kwargs: dict):
         return DiffusionPipeline.from_pretrained(model_id, local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - not cached: try the hub
         pass
+    offline = (f"{model_id}: not in the local Hugging Face cache and the hub cannot be reached ({{why}}); download "
+               f"it where you have internet (hf download {model_id} --local-dir DIR) or pass a local folder with "
+               "--model DIR")
+    why = hub_unreachable()
+    if why:
+        raise IPAdapterError(offline.format(why=why))
     try:
         return DiffusionPipeline.from_pretrained(model_id, **kwargs)
-    except Exception:  # noqa: BLE001
-        raise IPAdapterError(
-            f"{model_id}: not in the local Hugging Face cache and the hub cannot be reached; download it where "
-            "you have internet (huggingface-cli download) or pass a local folder with --model DIR"
-        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise IPAdapterError(offline.format(why=" ".join(str(e).split())[:120])) from None
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, found in at most ``timeout`` seconds; None when it answers.
+
+    ``HF_HUB_OFFLINE`` says so at once; otherwise one TCP connection to the endpoint's port, so that an offline
+    machine does not wait through the HTTP client's retries and long timeouts.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"no connection to {host}:{port}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | os.PathLike | None = None,
                        explicit: str | os.PathLike | None = None) -> Path:
-    """``explicit``, else the model's image_encoder/, else image_encoder/ beside the adapter file."""
+    """``explicit``, else the first folder with a ``config.json`` of: the model's ``image_encoder/``, then beside
+    the adapter file ``image_encoder/`` and ``models/image_encoder/``, then the same one folder up (the official
+    release keeps ``models/image_encoder`` beside ``models/*.safetensors``; ``sdxl_models/*vit-h*`` use it too)."""
     if explicit is not None:
         return Path(explicit)
     candidates = []
@@ -136,12 +162,18 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
         candidates.append(Path(model_dir) / "image_encoder")
     if adapter_path is not None:
         here = Path(adapter_path).parent
-        candidates += [here / "image_encoder", here.parent / "image_encoder"]
+        for folder in (here, here.parent):
+            candidates += [folder / "image_encoder", folder / "models" / "image_encoder"]
+    tried: list[Path] = []
     for c in candidates:
+        if any(os.path.abspath(c) == os.path.abspath(t) for t in tried):
+            continue
+        tried.append(c)
         if (c / "config.json").is_file():
             return c
-    looked = ", ".join(str(c) for c in candidates) or "nowhere"
-    raise IPAdapterError(f"no image encoder found (looked in {looked}); pass {param('image_encoder')} DIR")
+    looked = ", ".join(str(c) for c in tried) or "nowhere (no model folder or adapter file given)"
+    raise IPAdapterError(f"no image encoder found (looked in {looked}; the official IP-Adapter release keeps it in "
+                         f"models/image_encoder beside the adapter files); pass {param('image_encoder')}=DIR")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -786,6 +818,9 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
          insightface_root: str | os.PathLike | None = None) -> IPAdapter:
     """Attach adapter file(s) to ``pipe``; the image encoder defaults to the pipeline's or the one beside the file.
 
+    A bare file name that is not a file here is looked up in the pipeline's model folder (``model_dir``, default
+    the folder ``pipe`` was loaded from): ``load(pipe, "ip-adapter_plus.safetensors")``.
+
     ``image_encoder``: an :class:`ImageEncoder`, a folder, or None (then ``pipe.image_encoder`` if the pipeline
     has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file), or False
     for none at all (every prompt then comes as precomputed embeddings). ``face_analysis``: an insightface
@@ -793,7 +828,9 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
     loaded from ``insightface_root`` (default ``~/.insightface``) on first use.
     """
     denoiser = denoiser_of(pipe)
+    model_dir = model_dir if model_dir is not None else model_folder(pipe)
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    items = [adapter_in_model(a, model_dir or pipe) for a in items]
     loaded = [a if isinstance(a, Adapter) else Adapter.from_file(a) for a in items]
     for item, adapter in zip(items, loaded):
         check(adapter.config, denoiser, source=str(item) if not isinstance(item, Adapter) else "adapter")
@@ -820,12 +857,11 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
-    """Write a PNG with the generation parameters as a "parameters" text chunk, atomically."""
-    from PIL import PngImagePlugin
+    """Write an image with its parameters text, atomically (:func:`ipadapter.generation.parameters.save_image`:
+    the format follows the suffix, PNG keeps the text in a "parameters" chunk)."""
+    from .parameters import save_image
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return save_image(image, path, parameters)
 
 
 EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"
@@ -841,10 +877,26 @@ def embedded_model() -> tuple[Path, Path]:
     return EMBEDDED_MODEL, adapter
 
 
+def model_folder(pipe_or_model) -> Path | None:
+    """The local folder a pipeline was loaded from (``name_or_path`` / ``config._name_or_path``), or a folder
+    given as such; None for a hub id or a pipeline built in memory."""
+    if isinstance(pipe_or_model, (str, os.PathLike)):
+        source = pipe_or_model
+    else:
+        config = getattr(pipe_or_model, "config", None)
+        source = getattr(pipe_or_model, "name_or_path", None) or (config or {}).get("_name_or_path")
+    return Path(str(source)) if source and Path(str(source)).is_dir() else None
+
+
 def adapter_in_model(adapter, model):
-    """``adapter`` as given, or ``MODEL/adapter`` when only that exists (adapter files shipped beside a model,
-    as diffusers' ``weight_name``: ``--adapter ip-adapter_plus.safetensors`` on the embedded world model)."""
-    if adapter is None or Path(str(adapter)).exists() or model is None:
+    """The one rule for adapter names, used by ``load``, the CLI, eval and the page: ``adapter`` as given, or
+    ``MODEL/adapter`` when only that exists (adapter files shipped beside a model, as diffusers' ``weight_name``:
+    ``--adapter ip-adapter_plus.safetensors`` on the embedded world model). ``model``: a folder, a hub id or a
+    pipeline (its folder: :func:`model_folder`)."""
+    if adapter is None or isinstance(adapter, Adapter) or Path(str(adapter)).exists() or model is None:
         return adapter
-    inside = Path(str(model)) / str(adapter)
+    folder = model_folder(model)
+    if folder is None:
+        return adapter
+    inside = folder / str(adapter)
     return inside if inside.is_file() else adapter

@@ -181,8 +181,8 @@ def _entry_record(entry: object, root: Path, where: str, bad: BadItems) -> Recor
         bad.add("malformed entry", where, detail="no image_file")
         return None
     image = Blob(str(root / file))
-    if not isinstance(caption, str) or not caption.strip():
-        bad.add("empty caption", image.path)
+    if not isinstance(caption, str):  # "" is a caption: an image-only item (training drops text 5% anyway)
+        bad.add("no caption", image.path)
         return None
     if not image.exists():
         bad.add("missing file", image.path)
@@ -237,10 +237,10 @@ def _folder_records(folder: Path, bad: BadItems) -> list[Record]:
     records = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         caption = image.with_suffix(".txt")
-        text = caption.read_text(encoding="utf-8", errors="replace").strip() if caption.is_file() else ""
-        if not text:
-            bad.add("empty caption", str(image))
+        if not caption.is_file():  # an empty .txt is a caption (an image-only item); no .txt is an oversight
+            bad.add("no caption", str(image))
             continue
+        text = caption.read_text(encoding="utf-8", errors="replace").strip()
         face = next((Blob(str(image.with_suffix(e))) for e in FACE_EXTS if image.with_suffix(e).is_file()), None)
         records.append(Record(Blob(str(image)), text, face))
     return records
@@ -269,17 +269,18 @@ def _tar_records(shards: list[str], bad: BadItems) -> list[Record]:
             if image is None:
                 bad.add("missing file", name, detail="no image member")
                 continue
-            text = ""
+            text = None
             if "txt" in members:
                 text = Blob(shard, members["txt"].offset_data, members["txt"].size).read().decode("utf-8", "replace")
             elif "json" in members:
                 try:
                     meta = json.loads(Blob(shard, members["json"].offset_data, members["json"].size).read())
-                    text = str(meta.get("text", meta.get("caption", ""))) if isinstance(meta, dict) else ""
+                    found = meta.get("text", meta.get("caption")) if isinstance(meta, dict) else None
+                    text = str(found) if found is not None else None
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    text = ""
-            if not text.strip():
-                bad.add("empty caption", name)
+                    text = None
+            if text is None:  # "" is a caption (an image-only item); none at all is not
+                bad.add("no caption", name)
                 continue
             face = Blob(shard, members["npy"].offset_data, members["npy"].size) if "npy" in members else None
             records.append(Record(Blob(shard, image.offset_data, image.size), text.strip(), face, key=name))

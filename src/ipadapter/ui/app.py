@@ -349,15 +349,15 @@ class Generator:
             form.seed = random.SystemRandom().randrange(2**31)
         form.model, form.adapter = model, adapter
         ip, lock = self.models.get(model, adapter)
-        prompts, kwargs = generation_request(form)
-        if on_step is not None:
-            def callback(pipe, step, timestep, tensors):
-                on_step(step + 1, int(getattr(pipe, "num_timesteps", None) or form.steps))
-                return tensors
-
-            kwargs["callback_on_step_end"] = callback
         with lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IPAdapterNote)
+            prompts, kwargs = generation_request(form)  # inside: its notes (an animated image ...) are shown too
+            if on_step is not None:
+                def callback(pipe, step, timestep, tensors):
+                    on_step(step + 1, int(getattr(pipe, "num_timesteps", None) or form.steps))
+                    return tensors
+
+                kwargs["callback_on_step_end"] = callback
             images = ip.generate(prompts=prompts, **kwargs)
         notes = [page_message(w.message) for w in caught if issubclass(w.category, IPAdapterNote)]
         sampler = type(ip.pipe.scheduler).__name__
@@ -381,35 +381,32 @@ class Generator:
 
 
 def parameters_text(form: Form, size: tuple[int, int], sampler: str) -> str:
-    """The PNG's "parameters" text: the usual A1111-style lines, plus the IP-Adapter inputs."""
-    images = ", ".join(
-        f"{Path(p).name} (weight {w:g}{', mask ' + Path(m).name if m else ''})" for p, w, m in form.prompt_images()
-    )
-    parts = [
-        f"Steps: {form.steps}", f"Sampler: {sampler}", f"CFG scale: {form.guidance:g}", f"Seed: {form.seed}",
-        f"Size: {size[0]}x{size[1]}", f"Model: {form.model}", f"IP-Adapter: {Path(form.adapter).name}",
-        f"IP-Adapter scale: {form.scale:g}", f"IP-Adapter images: {images}",
-    ]
-    if form.combine != "concat":
-        parts.append(f"IP-Adapter combine: {form.combine}")
-    if form.negative_image:
-        parts.append(f"IP-Adapter negative image: {Path(form.negative_image).name}")
-    if form.blocks:
-        parts.append(f"IP-Adapter blocks: {form.blocks}")
-    if (form.start, form.end, form.curve) != (0.0, 1.0, "constant"):
-        parts.append(f"IP-Adapter range: {form.start:g}-{form.end:g} {form.curve}")
-    for name, neutral in COMFY_CONTROLS:
-        value = form.comfy.get(name, neutral)
-        if value not in (None, "") and value != neutral:
-            parts.append(f"IP-Adapter {name.replace('_', ' ')}: {Path(value).name if name in COMFY_IMAGES else value}")
-    if form.init_image:
-        parts.append(f"Init image: {Path(form.init_image).name}, Denoising strength: {form.strength:g}")
-        if form.inpaint_mask:
-            parts.append(f"Inpaint mask: {Path(form.inpaint_mask).name}")
-    if form.controlnet:
-        parts.append(f"ControlNet: {form.controlnet}, ControlNet image: {Path(form.control_image or '').name}, "
-                     f"ControlNet scale: {form.control_scale:g}")
-    return f"{form.prompt}\nNegative prompt: {form.negative_prompt}\n" + ", ".join(parts)
+    """The PNG's "parameters" text, in the one format the CLI writes too (:mod:`ipadapter.generation.parameters`);
+    uploads by their file names (Gradio's cache paths mean nothing elsewhere)."""
+    from ..generation.parameters import AdapterParameters, ControlNetParameters, Parameters, format_parameters
+
+    def name(path: str | None) -> str:
+        return Path(path).name if path else ""
+
+    slots = form.prompt_images()
+    masks = [name(m) for _, _, m in slots]
+    adapter = AdapterParameters(
+        adapter=Path(form.adapter).name if Path(form.adapter).parent == Path(form.model) else form.adapter,
+        scale=float(form.scale), images=[name(p) for p, _, _ in slots], weights=[w for _, w, _ in slots],
+        masks=masks if any(masks) else [], negative_images=[name(form.negative_image)] if form.negative_image else [],
+        combine=form.combine, start=float(form.start), end=float(form.end), curve=form.curve, blocks=form.blocks,
+        options={n: str(form.comfy[n]) for n, neutral in COMFY_CONTROLS if n not in COMFY_IMAGES
+                 and form.comfy.get(n, neutral) not in (None, "", neutral)},
+        option_images={n if n.endswith("s") else n + "s": [name(form.comfy[n])] for n in COMFY_IMAGES
+                       if form.comfy.get(n)})
+    return format_parameters(Parameters(
+        prompt=form.prompt, negative_prompt=form.negative_prompt, steps=int(form.steps), sampler=sampler,
+        guidance=float(form.guidance), seed=int(form.seed), width=size[0], height=size[1], model=form.model,
+        adapters=[adapter], init_image=name(form.init_image),
+        strength=float(form.strength) if form.init_image else None,
+        inpaint_mask=name(form.inpaint_mask) if form.init_image else "",
+        controlnets=[ControlNetParameters(form.controlnet, name(form.control_image), float(form.control_scale))]
+        if form.controlnet else []))
 
 
 # ------------------------------------------------------------------------------------------------ the page
