@@ -37,7 +37,7 @@ def _full() -> Parameters:
 def test_format_then_parse_gives_every_value_back():
     p = _full()
     text = format_parameters(p)
-    assert text.splitlines()[2].startswith("Steps: 7, Sampler: DDIMScheduler, CFG scale: 5.5, Seed: 12, Size: 48x32")
+    assert text.splitlines()[3].startswith("Steps: 7, Sampler: DDIMScheduler, CFG scale: 5.5, Seed: 12, Size: 48x32")
     assert parse_parameters(text) == p
     plain = Parameters(prompt="", steps=30, seed=0, width=64, height=64, model="m",
                        adapters=[AdapterParameters("a.safetensors", 1.0, ["x.png"], [1.0])])

@@ -32,7 +32,7 @@ class StepProgress:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, initial=step + 1, desc="denoising", unit="step", file=self.file,
-                                mininterval=0.2 if self.tty else 10.0, leave=False, dynamic_ncols=self.tty)
+                                mininterval=0.2 if self.tty else 10.0, dynamic_ncols=self.tty)
         else:
             self.bar.update(1)
         return tensors

@@ -104,7 +104,7 @@ def _pairs(items: list[tuple[str, object]]) -> str:
 def format_parameters(p: Parameters) -> str:
     """The text an image carries (see the module docstring)."""
     main: list[tuple[str, object]] = [
-        ("Steps", str(p.steps)), ("Sampler", p.sampler or "unknown"), ("CFG scale", _number(p.guidance)),
+        ("Steps", str(p.steps)), ("Sampler", p.sampler), ("CFG scale", _number(p.guidance)),
         ("Seed", str(p.seed)), ("Size", f"{p.width}x{p.height}"), ("Model", p.model),
     ]
     if p.init_image:

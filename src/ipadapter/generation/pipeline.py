@@ -173,7 +173,7 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
             return c
     looked = ", ".join(str(c) for c in tried) or "nowhere (no model folder or adapter file given)"
     raise IPAdapterError(f"no image encoder found (looked in {looked}; the official IP-Adapter release keeps it in "
-                         f"models/image_encoder beside the adapter files); pass {param('image_encoder')}=DIR")
+                         f"models/image_encoder beside the adapter files); pass {param('image_encoder')} DIR")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
