@@ -387,3 +387,23 @@ def test_an_offline_machine_fails_fast_and_names_hf_download(monkeypatch):
     with pytest.raises(IPAdapterError, match="HF_HUB_OFFLINE is set"):
         load_pipeline("someone/not-cached")
     assert timeouts == []
+
+
+def test_a_hub_that_does_not_answer_is_given_up_on_after_the_timeout(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    from ipadapter.generation.pipeline import hub_unreachable
+
+    release = threading.Event()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: release.wait(30))  # a name lookup that hangs
+    started = time.monotonic()
+    try:
+        assert hub_unreachable(timeout=0.2) == "no answer from huggingface.co:443 within 0.2 s"
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()

@@ -135,6 +135,7 @@ def hub_unreachable(timeout: float = 2.0) -> str | None:
     machine does not wait through the HTTP client's retries and long timeouts.
     """
     import socket
+    import threading
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
@@ -143,11 +144,24 @@ def hub_unreachable(timeout: float = 2.0) -> str | None:
         return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
+    outcome: dict = {}
+
+    def probe() -> None:  # in a thread: the name lookup itself is not bounded by the socket's timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name="ipadapter-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if "ok" in outcome:
+        return None
+    if "error" in outcome:
+        e = outcome["error"]
         return f"no connection to {host}:{port}: {e.strerror or type(e).__name__}"
-    return None
+    return f"no answer from {host}:{port} within {timeout:g} s"
 
 
 def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | os.PathLike | None = None,
