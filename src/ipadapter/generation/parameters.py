@@ -128,7 +128,7 @@ def format_parameters(p: Parameters) -> str:
                 items.append((key, _number(value) if isinstance(value, float) else value))
         for key, names in a.option_images.items():
             items += [(key.replace("_", " ").removesuffix("s"), name) for name in names]
-        items += [(key.replace("_", " "), value) for key, value in a.options.items()]
+        items += list(a.options.items())  # ComfyUI names as they are: weight_type, boost ...
         lines.append(_pairs(items))
     for c in p.controlnets:
         lines.append(_pairs([("ControlNet", c.controlnet), ("control image", c.image),
