@@ -400,7 +400,11 @@ def test_a_hub_that_does_not_answer_is_given_up_on_after_the_timeout(monkeypatch
 
     release = threading.Event()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: release.wait(30))  # a name lookup that hangs
+    def hang(*args, **kwargs):  # a name lookup that hangs, then fails
+        release.wait(30)
+        raise OSError(110, "Connection timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     started = time.monotonic()
     try:
         assert hub_unreachable(timeout=0.2) == "no answer from huggingface.co:443 within 0.2 s"
