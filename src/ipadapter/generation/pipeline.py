@@ -806,7 +806,8 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         first = next((i for i in items if not isinstance(i, Adapter)), None)
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
-        encoder.model.to(next(denoiser.parameters()).device)
+        param = next(denoiser.parameters())
+        encoder.model.to(param.device, param.dtype)  # the encoder follows the pipeline
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     ip = IPAdapter(pipe, loaded, encoder)

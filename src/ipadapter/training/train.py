@@ -58,6 +58,7 @@ class TrainConfig:
 
     # what to train
     model: str = ""  # diffusers model folder (SD 1.x or SDXL), with image_encoder/ or give image_encoder
+    model_config: str | None = None  # single-file model: a diffusers folder or hub id of its family (CLI converts)
     data: str = ""  # .json / .jsonl list, folder of images + .txt, .tar shards (folder, file or glob)
     output: str = ""
     data_root: str | None = None  # folder the JSON paths are relative to (default: the JSON file's folder)
