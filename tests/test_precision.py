@@ -1,0 +1,149 @@
+"""Precision, offload hooks and torch.compile with adapters attached, against diffusers at the same dtype (CPU).
+
+Tolerances: bf16 keeps 8 mantissa bits, fp16 11; both paths run the same UNet in that dtype and differ only in
+the order of a few additions, so the difference is bounded relative to the prediction's scale:
+max |ours - diffusers| <= 2e-2 x max |diffusers| (bf16), 2e-3 x (fp16). fp32 parity (1e-4) is in test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PATCH_AND_GLOBAL, diffusers_ip_adapter, noise_prediction, unet_inputs
+from ipadapter.generation.pipeline import ImagePrompt, load
+from ipadapter.testing import random_adapter, tiny_pipeline
+
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+SCALE = 0.7
+
+
+@pytest.fixture(scope="module")
+def fp32_pipe():
+    return tiny_pipeline("sd15")
+
+
+def _inputs(pipe, dtype):
+    inputs = unet_inputs(pipe)
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def _ours(pipe, path, image, inputs):
+    ip = load(pipe, path)
+    try:
+        ip.set_images(prompt=ImagePrompt(images=[image], scale=SCALE))
+        ip.adapters[0].state.cfg = True
+        return noise_prediction(pipe, inputs)
+    finally:
+        ip.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", PATCH_AND_GLOBAL)
+def test_half_precision_matches_diffusers_at_the_same_dtype(fp32_pipe, prompt_images, tmp_path, dtype, kind):
+    path = tmp_path / f"{kind}.safetensors"
+    random_adapter(fp32_pipe.unet, kind, encoder=fp32_pipe.image_encoder).save(path)
+    pipe = tiny_pipeline("sd15").to(dtype=dtype)
+    inputs = _inputs(pipe, dtype)
+    base = noise_prediction(pipe, inputs)
+    ours = _ours(pipe, path, prompt_images[0], inputs)
+    with diffusers_ip_adapter(pipe, [path], [SCALE]):
+        embeds = pipe.prepare_ip_adapter_image_embeds(prompt_images[0], None, "cpu", 1, True)
+        ref = noise_prediction(pipe, inputs, image_embeds=[e.to(dtype) for e in embeds])
+    assert ours.dtype == dtype
+    assert (ref - base).abs().max() > 1e-2  # the adapter acts
+    assert (ours.float() - ref.float()).abs().max() <= TOLERANCE[dtype] * ref.float().abs().max()
+
+
+def test_the_adapter_and_encoder_follow_the_pipelines_dtype(fp32_pipe, prompt_images, tmp_path):
+    path = tmp_path / "global.safetensors"
+    random_adapter(fp32_pipe.unet, "global", encoder=fp32_pipe.image_encoder).save(path)
+    pipe = tiny_pipeline("sd15", with_image_encoder=False).to(dtype=torch.bfloat16)
+    encoder_dir = tmp_path / "encoder"
+    fp32_pipe.image_encoder.save_pretrained(str(encoder_dir))
+    ip = load(pipe, path, image_encoder=encoder_dir)
+    try:
+        assert all(p.dtype == torch.bfloat16 for p in ip.adapters[0].parameters())
+        assert next(ip.image_encoder.model.parameters()).dtype == torch.bfloat16
+        out = ip.generate(images=[prompt_images[0]], num_inference_steps=2, height=32, width=32, seed=0,
+                          output_type="np")
+        assert out.shape == (1, 32, 32, 3)
+    finally:
+        ip.detach()
+
+
+def test_cpu_offload_hooks_give_the_same_prediction(fp32_pipe, prompt_images, tmp_path):
+    from accelerate import cpu_offload
+
+    path = tmp_path / "plus.safetensors"
+    random_adapter(fp32_pipe.unet, "plus", encoder=fp32_pipe.image_encoder).save(path)
+    pipe = tiny_pipeline("sd15")
+    inputs = unet_inputs(pipe)
+    plain = _ours(pipe, path, prompt_images[0], inputs)
+    ip = load(pipe, path)  # attach first, then offload (what enable_model_cpu_offload does to a loaded pipeline)
+    try:
+        cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+        assert any(p.device.type == "meta" for p in pipe.unet.parameters())  # the weights really are offloaded
+        ip.set_images(prompt=ImagePrompt(images=[prompt_images[0]], scale=SCALE))
+        ip.adapters[0].state.cfg = True
+        offloaded = noise_prediction(pipe, inputs)
+    finally:
+        ip.detach()
+    assert torch.allclose(offloaded, plain, atol=1e-6)
+
+
+def _counting_backend(count: list):
+    def backend(gm, example_inputs):
+        count.append(len(gm.graph.nodes))
+        return gm.forward
+
+    return backend
+
+
+def test_compiled_unet_does_not_recompile_across_steps(fp32_pipe, prompt_images, tmp_path):
+    """One generation with a schedule (the adapter's weight changes every step) and per-block scales: the graphs
+    are compiled during the first step and reused by every later one."""
+    import torch._dynamo
+
+    path = tmp_path / "global.safetensors"
+    random_adapter(fp32_pipe.unet, "global", encoder=fp32_pipe.image_encoder).save(path)
+    pipe = tiny_pipeline("sd15")
+    ip = load(pipe, path)
+    eager = ip.generate(images=[prompt_images[0]], prompt="a", num_inference_steps=4, height=32, width=32, seed=0,
+                        output_type="np", start=0.0, end=1.0, curve="linear", scale=0.8)
+    torch._dynamo.reset()
+    compiled: list = []
+    steps: list = []
+    pipe.unet = torch.compile(pipe.unet, backend=_counting_backend(compiled))
+    try:
+        out = ip.generate(images=[prompt_images[0]], prompt="a", num_inference_steps=4, height=32, width=32, seed=0,
+                          output_type="np", start=0.0, end=1.0, curve="linear", scale=0.8,
+                          callback_on_step_end=lambda p, i, t, kw: (steps.append(len(compiled)), kw)[1])
+    finally:
+        pipe.unet = pipe.unet._orig_mod
+        ip.detach()
+        torch._dynamo.reset()
+    assert len(steps) == 4 and steps[0] >= 1
+    assert steps[-1] == steps[0], f"graphs compiled after each step: {steps}"  # no recompiles after step 1
+    assert abs(out - eager).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_inductor_compiled_unet_matches_eager(fp32_pipe, prompt_images, tmp_path):
+    import torch._dynamo
+
+    path = tmp_path / "plus.safetensors"
+    random_adapter(fp32_pipe.unet, "plus", encoder=fp32_pipe.image_encoder).save(path)
+    pipe = tiny_pipeline("sd15")
+    ip = load(pipe, path)
+    kw = dict(images=[prompt_images[0]], num_inference_steps=3, height=32, width=32, seed=0, output_type="np")
+    eager = ip.generate(**kw)
+    torch._dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet)
+    try:
+        out = ip.generate(**kw)
+    finally:
+        pipe.unet = pipe.unet._orig_mod
+        ip.detach()
+        torch._dynamo.reset()
+    assert abs(out - eager).max() <= 1e-3
