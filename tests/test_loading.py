@@ -63,6 +63,7 @@ def _pixels(path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------- single files
+@pytest.mark.slow  # each generation here costs seconds; several per test
 def test_a_single_file_gives_the_folders_image(capsys, disk, tmp_path):
     rc, _, err = _run(capsys, _generate(disk, disk["model"], tmp_path / "folder.png"))
     assert rc == 0, err
@@ -80,6 +81,18 @@ def test_single_file_weights_are_the_folders(disk):
         a, b = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_train_reads_a_single_file_as_a_folder_written_once(disk, tmp_path):
+    from ipadapter.generation.loading import single_file_folder
+
+    folder = single_file_folder(disk["file"], disk["model"], tmp_path / "base-model")
+    assert (folder / "model_index.json").is_file() and (folder / "image_encoder" / "config.json").is_file()
+    written = (folder / "unet").stat().st_mtime_ns
+    assert single_file_folder(disk["file"], disk["model"], tmp_path / "base-model") == folder
+    assert (folder / "unet").stat().st_mtime_ns == written  # reused, not rewritten
+    a, b = load_model(disk["model"]).unet.state_dict(), load_model(folder).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_family_comes_from_the_keys(disk):
@@ -180,6 +193,7 @@ def _theirs(pipe, disk, loras: list[tuple]) -> np.ndarray:
             pipe.delete_adapters(names)
 
 
+@pytest.mark.slow  # each generation here costs seconds; several per test
 @pytest.mark.parametrize("kind", ["peft", "kohya"])
 def test_a_lora_with_the_image_prompt_matches_diffusers(folder_pipe, disk, loras, kind):
     plain = _ours(folder_pipe, disk, [])
@@ -190,6 +204,7 @@ def test_a_lora_with_the_image_prompt_matches_diffusers(folder_pipe, disk, loras
     assert np.array_equal(_ours(folder_pipe, disk, []), plain)  # and is gone again
 
 
+@pytest.mark.slow  # each generation here costs seconds; several per test
 def test_two_loras_with_weights_match_diffusers(folder_pipe, disk, loras):
     chosen = [(loras["peft"], 0.5), (loras["kohya"], 1.0)]
     ours = _ours(folder_pipe, disk, chosen)
@@ -199,6 +214,7 @@ def test_two_loras_with_weights_match_diffusers(folder_pipe, disk, loras):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
+@pytest.mark.slow  # each generation here costs seconds; several per test
 def test_lora_flags_and_bad_lora_files(capsys, disk, loras, tmp_path):
     assert parse_lora("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_lora("C:/x/a.safetensors:0.5") == ("C:/x/a.safetensors", 0.5)

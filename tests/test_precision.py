@@ -23,6 +23,19 @@ def fp32_pipe():
     return tiny_pipeline("sd15")
 
 
+@pytest.fixture(scope="module")
+def half_pipes():
+    """dtype -> a tiny SD 1.5 pipeline in that dtype (built once; each test leaves it without adapters)."""
+    pipes: dict = {}
+
+    def get(dtype):
+        if dtype not in pipes:
+            pipes[dtype] = tiny_pipeline("sd15").to(dtype=dtype)
+        return pipes[dtype]
+
+    return get
+
+
 def _inputs(pipe, dtype):
     inputs = unet_inputs(pipe)
     return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
@@ -40,10 +53,11 @@ def _ours(pipe, path, image, inputs):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("kind", PATCH_AND_GLOBAL)
-def test_half_precision_matches_diffusers_at_the_same_dtype(fp32_pipe, prompt_images, tmp_path, dtype, kind):
+def test_half_precision_matches_diffusers_at_the_same_dtype(fp32_pipe, half_pipes, prompt_images, tmp_path, dtype,
+                                                            kind):
     path = tmp_path / f"{kind}.safetensors"
     random_adapter(fp32_pipe.unet, kind, encoder=fp32_pipe.image_encoder).save(path)
-    pipe = tiny_pipeline("sd15").to(dtype=dtype)
+    pipe = half_pipes(dtype)
     inputs = _inputs(pipe, dtype)
     base = noise_prediction(pipe, inputs)
     ours = _ours(pipe, path, prompt_images[0], inputs)
