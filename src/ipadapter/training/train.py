@@ -65,7 +65,7 @@ class TrainConfig:
     image_column: str | None = None  # Hugging Face datasets: the image column (default: image, img, jpg, ...)
     caption_column: str | None = None  # ... and the caption column (default: text, caption, prompt, txt)
     streaming: bool = False  # datasets: stream the rows (written once to data_cache) instead of memory-mapping
-    data_cache: str | None = None  # compressed/remote shards and streamed rows, uncompressed (default OUTPUT/data-cache)
+    data_cache: str | None = None  # compressed/remote shards, streamed rows, uncompressed (default OUTPUT/data-cache)
     kind: str = "global"
     image_encoder: str | None = None  # default MODEL/image_encoder
     num_tokens: int | None = None  # default 4 (global, faceid), 16 (plus), all patches (full)
