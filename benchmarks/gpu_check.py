@@ -38,7 +38,8 @@ from collections.abc import Callable
 
 import torch
 
-from ipadapter.core.adapter import Adapter, attach
+from ipadapter.bases import attach, new_adapter
+from ipadapter.core.adapter import Adapter
 from ipadapter.core.encoders import Features
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -79,7 +80,7 @@ def make_adapter(unet, kind: str, enc: dict, seed: int = 0) -> Adapter:
     embed = {"global": enc["embed"], "plus": enc["hidden"], "full": enc["hidden"], "faceid": enc["face"]}[kind]
     tokens = {"global": 4, "plus": 16, "full": enc["patches"], "faceid": 4}[kind]
     torch.manual_seed(seed)
-    adapter = Adapter.for_unet(unet, kind, embed_dim=embed, num_tokens=tokens, **overrides)
+    adapter = new_adapter(unet, kind, embed_dim=embed, num_tokens=tokens, **overrides)
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn_like(p) * 0.05)

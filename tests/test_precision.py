@@ -128,7 +128,7 @@ def test_compiled_unet_does_not_recompile_across_steps(prompt_images, curve):
     output is eager's. (The whole pipeline under torch.compile is left to benchmarks/gpu_check.py's GPU run.)"""
     import torch._dynamo
 
-    from ipadapter.core.adapter import attach, detach, runtime_of
+    from ipadapter.bases import attach, detach, runtime_of
     from ipadapter.core.encoders import Features
     from ipadapter.generation import controls
     from ipadapter.testing import tiny_image_encoder, tiny_unet
