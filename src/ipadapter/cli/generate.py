@@ -306,7 +306,8 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         model, default_adapter = embedded_model()
         if groups[0].get("adapter") is None:
             groups[0]["adapter"] = default_adapter
-            if getattr(args, "prompt", "") and (model / "ip-adapter_pairs.safetensors").is_file():
+            text_and_image = getattr(args, "prompt", "") and groups[0].get("images")
+            if text_and_image and (model / "ip-adapter_pairs.safetensors").is_file():
                 print("note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs.safetensors "
                       "lets the text decide what it names (the default, the paper's recipe, keeps the image's)",
                       file=sys.stderr)
@@ -323,8 +324,13 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         if g.get("embeds") and (images or g.get("negative_images")):
             raise IPAdapterError(f"{name}--embeds replaces --image and --negative-image (the file holds both)")
         if not images and not g.get("embeds") and not g.get("face_embeds") and not g.get("face_images"):
-            raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
-                                 "FaceID adapters)")
+            if not getattr(args, "prompt", ""):
+                raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
+                                     "FaceID adapters), or --prompt TEXT alone for text only")
+            extra = [f for f, key in (("--negative-image", "negative_images"), ("--image-mask", "masks"),
+                                      ("--image-weight", "weights")) if g.get(key)]
+            if extra:
+                raise IPAdapterError(f"{name}{extra[0]} without --image: it belongs to a prompt image")
         if "weights" in g and images and len(g["weights"]) != n:
             raise IPAdapterError(f"{name}{len(g['weights'])} --image-weight for {n} --image: give one per image")
         combine = g.get("combine", "concat")

@@ -40,12 +40,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
+from ..bases import attach, attached, check, denoiser_of, detach, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
 from ..core.files import atomic_write
+from ..core.rows import markers
 from . import controls
 
 
@@ -186,6 +187,11 @@ class ImagePrompt:
 
 
 PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "scale"}
+
+
+def is_idle(prompt: ImagePrompt) -> bool:
+    """No image, embeddings or face embeddings: the adapter sits this generation out (text-only, the base model)."""
+    return not prompt.images and prompt.embeds is None and prompt.face_embeds is None
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
 
@@ -390,6 +396,7 @@ class IPAdapter:
         runtime = runtime_of(self.denoiser)
         if runtime is not None:
             runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        self._followed = pipe
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -566,6 +573,33 @@ class IPAdapter:
         """Tokens of n images ([n, T, C]) -> one prompt of n images, stacked as [uncond; cond]."""
         adapter.state.set_tokens(cond[None], uncond[None])
 
+    def pipeline_kwargs(self) -> dict:
+        """What to hand a pipeline you call yourself so the adapters follow its own batch layout:
+        ``pipe(prompt=..., **ip.pipeline_kwargs())`` after :meth:`set_images`.
+
+        The pipeline lays out tiny row markers (``ip_adapter_image_embeds``, one per adapter, see
+        :mod:`ipadapter.core.rows`) for its batch as it would lay out image embeddings: PAG's perturbed branch,
+        InstructPix2Pix's image-only branch, SAG's degraded pass, a video's frames. Without them the batch is taken
+        as [unconditional; conditional] rows, and a batch that does not fit that is an error.
+        """
+        param = next(self.denoiser.parameters())
+        handed = markers(len(attached(self.denoiser)), device=param.device, dtype=param.dtype)
+        return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
+
+    @staticmethod
+    def _in_pipeline_order(pipe, handed: list) -> list:
+        """The markers in the order the pipeline's own ``prepare_ip_adapter_image_embeds`` reads them under
+        guidance: [negative; positive] for most; InstructPix2Pix reads [positive; negative; negative] (it splits
+        in three), which its method tells by refusing two."""
+        prepare = getattr(pipe, "prepare_ip_adapter_image_embeds", None)
+        if prepare is None:
+            return handed
+        try:
+            prepare(None, [handed[0][:2]], handed[0].device, 1, True)
+        except ValueError:
+            return [torch.cat([m[1:2], m[0:1], m[0:1]]) for m in handed]
+        return handed
+
     def clear(self) -> None:
         """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
         for adapter in self.adapters:
@@ -614,8 +648,17 @@ class IPAdapter:
             self._controlnets[key] = load_controlnet(source, self.pipe.unet)
         return self._controlnets[key]
 
-    def output_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
-        """(width, height): as given, else the model's default (UNet sample size x VAE factor)."""
+    def output_size(self, width: int | None = None, height: int | None = None,
+                    init_image=None) -> tuple[int, int]:
+        """(width, height): as given, else the init image's (rounded down to the VAE's multiple, as diffusers'
+        img2img does), else the model's default."""
+        factor = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if init_image is not None and (width is None or height is None):
+            w, h = load_image(init_image).size
+            if min(w, h) < factor:
+                raise IPAdapterError(f"--init-image {_name(init_image)}: {w}x{h} is smaller than the VAE's {factor} "
+                                     "pixels; give a larger image or --width/--height")
+            return int(width or w - w % factor), int(height or h - h % factor)
         default = self.family.default_size(self.pipe)
         return int(width or default), int(height or default)
 
@@ -652,7 +695,7 @@ class IPAdapter:
             sets = image_sets(p.images)
             if sets is not None and len(sets) != texts:
                 raise IPAdapterError(f"images: {len(sets)} image lists for {texts} text prompt(s); give one per prompt")
-        size = self.output_size(width, height)
+        size = self.output_size(width, height, init_image)
         call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
                                        control_scales)
         batch = (1 if isinstance(prompt, str) else len(prompt)) * int(num_images)
@@ -676,11 +719,18 @@ class IPAdapter:
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
             for i, p in enumerate(prompts):
+                if is_idle(p):  # text-only for this adapter: it stays idle, the base model runs
+                    check_scale(p.scale)
+                    _reset(self.adapters[i].state)
+                    continue
                 self.set_images(adapter=i, prompt=p, size=size)
                 refs = self.adapters[i].state.rows // 2
                 if p.unfold_batch and refs != batch:
                     raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
                                          "(prompts x --num-images); give one reference per image")
+            one_prompt = all(a.state.rows in (0, 2) for a in self.adapters)  # --unfold-batch: rows per image
+            if "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline lays out its batch's rows
+                call.update(self.pipeline_kwargs())
             return pipe(**call).images
         finally:
             self.clear()

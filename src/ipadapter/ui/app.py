@@ -181,8 +181,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
     from ..generation.pipeline import ImagePrompt
 
     slots = form.prompt_images()
-    if not slots:
-        raise IPAdapterError('add at least one prompt image (drop a PNG, JPEG or WebP on "Image 1")')
+    if not slots and not form.prompt.strip():
+        raise IPAdapterError('add a prompt image (drop a PNG, JPEG or WebP on "Image 1") or a text prompt')
+    if not slots:  # text only: the adapter sits it out, the base model runs
+        prompts = [ImagePrompt(scale=float(form.scale))]
+        return prompts, _generate_kwargs(form)
     images = [_read_image(path, "prompt image") for path, _, _ in slots]
     options: dict[str, Any] = {"combine": form.combine}
     weights = [w for _, w, _ in slots]
@@ -205,7 +208,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
         options.update(start=float(form.start), end=float(form.end), curve=form.curve)
     options.update(comfy_options(form.comfy))
     prompts = [ImagePrompt(images=images, scale=float(form.scale), **options)]
+    return prompts, _generate_kwargs(form)
 
+
+def _generate_kwargs(form) -> dict[str, Any]:
+    """The keyword arguments of :meth:`IPAdapter.generate` besides the image prompts."""
     kwargs: dict[str, Any] = dict(
         prompt=form.prompt, negative_prompt=form.negative_prompt or None, num_inference_steps=int(form.steps),
         guidance_scale=float(form.guidance), seed=int(form.seed), width=int(form.width), height=int(form.height),
@@ -222,7 +229,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
             raise IPAdapterError("ControlNet needs both a ControlNet model folder and a control image")
         kwargs.update(controlnets=[form.controlnet], control_images=[_read_image(form.control_image, "control image")],
                       control_scales=[float(form.control_scale)])
-    return prompts, kwargs
+    return kwargs
 
 
 def _read_image(path: str, what: str, mode: str = "RGB"):
