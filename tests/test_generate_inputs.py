@@ -60,9 +60,9 @@ def test_text_only_from_the_cli_equals_scale_zero_bit_for_bit(capsys, model, ada
 def test_text_only_on_the_embedded_model_equals_scale_zero_bit_for_bit(capsys, model, tmp_path):
     common = ["--prompt", "a red circle on a white background", *TINY]
     _cli(*common, "-o", str(tmp_path / "text.png"))
+    assert "ip-adapter_pairs" not in capsys.readouterr().err  # that note is about image + text
     _cli(*common, "--image", str(model / "ref.png"), "--scale", "0", "-o", str(tmp_path / "zero.png"))
     assert np.array_equal(_pixels(tmp_path / "text.png"), _pixels(tmp_path / "zero.png"))
-    assert "ip-adapter_pairs" not in capsys.readouterr().err  # that note is about image + text
 
 
 def test_no_image_and_no_text_is_still_refused(capsys, model, adapter_file, tmp_path):
