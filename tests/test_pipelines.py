@@ -16,6 +16,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import pipeline_support as ps
 from conftest import cross_layers, diffusers_ip_adapter
@@ -230,3 +231,27 @@ def test_markers_read_back_as_rows_through_a_pipelines_layout():
     assert fit_rows(torch.tensor([0, 1]), 6).tolist() == [0, 0, 0, 1, 1, 1]  # frames folded into the batch
     assert fit_rows(torch.tensor([0, 1, 1]), 4) is None
     assert unguided_rows(torch.tensor([0, 1, 0, 1]), 2).tolist() == [1, 1]  # no guidance: pairs taken as positive
+
+
+# ------------------------------------------------------------------------------------------------ Kolors CLI
+@pytest.mark.slow
+def test_kolors_plus_from_the_cli_matches_diffusers(tmp_path, capsys):
+    """``--model`` a Kolors folder (ChatGLM text encoder, no text_encoder_2), a plus adapter: the CLI runs
+    KolorsPipeline (not an SD one) and gives diffusers' pixels."""
+    from ipadapter.cli import main
+
+    pipe = ps.base("kolors")
+    pipe.save_pretrained(str(tmp_path / "kolors"), safe_serialization=True)
+    path = ps.adapter_file("kolors", "plus")
+    ps.picture(1).save(tmp_path / "ref.png")
+    rc = main(["generate", "--model", str(tmp_path / "kolors"), "--adapter", str(path), "--image",
+               str(tmp_path / "ref.png"), "--prompt", "a red circle", "--steps", str(ps.STEPS), "--guidance", "5",
+               "--seed", "0", "--width", str(ps.SIZE), "--height", str(ps.SIZE), "--scale", str(SCALE), "-o",
+               str(tmp_path / "out.png")])
+    assert rc == 0, capsys.readouterr().err
+    ours = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"), dtype=np.int16)
+    with diffusers_ip_adapter(pipe, [path], [SCALE]):
+        theirs = pipe(prompt="a red circle", num_inference_steps=ps.STEPS, guidance_scale=5.0, height=ps.SIZE,
+                      width=ps.SIZE, generator=torch.Generator("cpu").manual_seed(0), ip_adapter_image=ps.picture(1),
+                      output_type="pil").images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1

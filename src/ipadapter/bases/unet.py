@@ -226,6 +226,7 @@ def is_sdxl(pipe_or_dir) -> bool:
 
 
 
+_MODE_WORDS = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
 _SECTIONS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # a UNet2DConditionModel's attn_processors order
 
 
@@ -343,6 +344,17 @@ class UNetFamily(BaseFamily):
     def pipeline_class(self, pipe, mode: str, controlnet: bool) -> type:
         import diffusers
 
+        own = type(pipe).__name__
+        if not own.startswith("StableDiffusion") and getattr(diffusers, own, None) is type(pipe):
+            # a UNet model with pipelines of its own (Kolors: a ChatGLM text encoder): follow them, not SD's
+            stem = own.removesuffix("Pipeline")
+            for word in ("Img2Img", "Inpaint", "ControlNet"):
+                stem = stem.replace(word, "")
+            name = f"{stem}{'ControlNet' if controlnet else ''}{_MODE_WORDS[mode]}Pipeline"
+            cls = getattr(diffusers, name, None)
+            if cls is None:
+                raise IPAdapterError(f"{own}: diffusers has no {name} for {mode}{' with a ControlNet' * controlnet}")
+            return cls
         family = "StableDiffusionXL" if is_sdxl(pipe) else "StableDiffusion"
         kind = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
         return getattr(diffusers, f"{family}{'ControlNet' if controlnet else ''}{kind}Pipeline")
