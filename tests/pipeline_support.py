@@ -70,8 +70,9 @@ def _controlnet(annotation: str, unet):
 
     embed = (16, 32)  # one stride-2 step: 32 pixels -> the 16x16 latent
     if "SparseControlNet" in annotation:
+        source = _unet_like(unet, down_block_types=list(unet.config.down_block_types))  # from_unet edits the list
         return _seeded(6, lambda: diffusers.SparseControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=embed))
+            source, conditioning_embedding_out_channels=embed))
     if "ControlNetUnion" in annotation:
         return _seeded(6, lambda: diffusers.ControlNetUnionModel.from_unet(
             unet, conditioning_embedding_out_channels=embed))
