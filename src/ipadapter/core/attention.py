@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import IPAdapterError
+from .joint import joint_layers
 from .rows import fit_rows, read_rows, unguided_rows
 
 LAYOUT_HINT = "hand the pipeline the adapter's layout: pipe(..., **ip.pipeline_kwargs())"
@@ -67,6 +68,8 @@ class IPLayer(nn.Module):
 def ip_layers(config) -> dict[str, IPLayer]:
     """The per-layer adapter modules an :class:`~ipadapter.core.config.AdapterConfig` describes, keyed by the
     official checkpoint index (image K/V on cross-attention layers, FaceID LoRA where the file has it)."""
+    if config.time_conditioned:  # InstantX SD3.5: AdaLN and QK norms per joint block
+        return joint_layers(config)
     layers: dict[str, IPLayer] = {}
     for index in sorted(set(config.layer_widths) | set(config.lora_layers)):
         if index in config.layer_widths:
