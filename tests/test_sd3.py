@@ -102,3 +102,31 @@ def test_damaged_files_one_line_error(tmp_path, sd3_adapter, name, change, expec
     with pytest.raises(IPAdapterError) as e:
         read_checkpoint(path)
     assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+def test_siglip_encoder_features_and_zero_negative(tmp_path, sd3_pipe, sd3_adapter):
+    from PIL import Image
+
+    from ipadapter.core.encoders import ImageEncoder
+
+    sd3_pipe.image_encoder.save_pretrained(tmp_path / "enc")
+    sd3_pipe.feature_extractor.save_pretrained(tmp_path / "enc")
+    encoder = ImageEncoder.from_pretrained(tmp_path / "enc")
+    assert type(encoder.model).__name__ == "SiglipVisionModel"
+    image = Image.new("RGB", (40, 30), (200, 30, 60))
+    cond, uncond = encoder.encode(sd3_adapter.config, [image])
+    pixels = sd3_pipe.feature_extractor(image, return_tensors="pt").pixel_values
+    want = sd3_pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+    assert torch.equal(cond.penultimate, want)
+    assert torch.equal(uncond.penultimate, torch.zeros_like(want))
+    sd3_adapter.check_encoder(encoder.model)
+
+
+def test_wrong_encoder_is_named(sd3_adapter):
+    from ipadapter.testing import tiny_image_encoder, tiny_siglip_encoder
+
+    with pytest.raises(IPAdapterError, match="reads a SigLIP encoder"):
+        sd3_adapter.check_encoder(tiny_image_encoder())
+    with pytest.raises(IPAdapterError, match="hidden width"):
+        sd3_adapter.check_encoder(tiny_siglip_encoder(hidden=32)[0])

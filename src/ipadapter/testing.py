@@ -164,11 +164,9 @@ def tiny_siglip_encoder(hidden: int = 48, image_size: int = 32, patch: int = 8, 
 
 
 def siglip_processor(image_size: int):
-    try:  # without torchvision, transformers 5 serves the PIL backend under the plain name, with a warning
-        from transformers import SiglipImageProcessorPil as Processor
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers import SiglipImageProcessor as Processor
-    return Processor(size={"height": image_size, "width": image_size})
+    from .core.encoders import siglip_processor_class
+
+    return siglip_processor_class()(size={"height": image_size, "width": image_size})
 
 
 def tiny_sd3_transformer(num_layers: int = 3, heads: int = 4, head_dim: int = 8, text_dim: int = 64,

@@ -88,6 +88,13 @@ class Adapter(nn.Module):
         """The image encoder must produce the features this kind reads, at the width it expects."""
         c = self.config
         cfg = encoder.config
+        siglip = "siglip" in str(getattr(cfg, "model_type", ""))
+        if c.time_conditioned != siglip:
+            want = "a SigLIP encoder (SiglipVisionModel)" if c.time_conditioned else "a CLIP vision encoder"
+            raise IPAdapterError(
+                f"{source}: {c.kind} adapter reads {want}; this encoder is {getattr(cfg, 'model_type', '?')} "
+                "(wrong encoder for this adapter)"
+            )
         if c.kind == "global":
             got, what = getattr(cfg, "projection_dim", None), "projected embedding width"
         elif c.uses_patch_features:
