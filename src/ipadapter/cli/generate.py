@@ -263,9 +263,12 @@ def cmd_inspect(args) -> int:
         ("base family", family),
         ("parameters", f"{parameter_count(tensors):,}"),
     ]
-    if cfg.kind in ("plus", "faceid-plus"):
+    if cfg.kind in ("plus", "faceid-plus", "time-plus"):
         rows.append(("resampler", f"depth {cfg.resampler_depth}, heads {cfg.resampler_heads}, "
                                   f"dim_head {cfg.resampler_dim_head}, width {cfg.resampler_dim}"))
+    if cfg.time_conditioned:
+        rows.append(("timestep", f"tokens made at every step (sinusoid width {cfg.time_embed_dim}); per block AdaLN, "
+                                 f"QK RMSNorms of width {cfg.head_dim}"))
     if cfg.lora_layers:
         rows.append(("LoRA", f"{len(cfg.lora_layers)} layers, rank {max(cfg.lora_layers.values())}"))
     for key, value in rows:

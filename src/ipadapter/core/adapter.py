@@ -30,6 +30,8 @@ class Adapter(nn.Module):
         self.image_proj = build_projection(config)
         self.ip_adapter = nn.ModuleDict(ip_layers(config))
         self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()}, concat=config.attention == "concat")
+        if config.time_conditioned:  # its tokens are made at every step, from the timestep (see bases/sd3.py)
+            self.state.projection = self.image_proj
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod

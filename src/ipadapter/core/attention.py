@@ -111,6 +111,11 @@ class AdapterState:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows = 0
         self.has_uncond = False
+        # kinds whose tokens depend on the timestep ("time-plus"): the projection, run once per denoiser call by
+        # the family for all layers, and what that call made (its tokens, the per-layer scales at its timestep)
+        self.projection: nn.Module | None = None
+        self.step_tokens: torch.Tensor | None = None
+        self.step_scales: dict[int, float] = {}
         self._expanded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # the rows of [uncond; cond] the pipeline laid out for the current denoiser call (see core.rows), or None:
         # then the batch is taken as [uncond; cond] (the plain layout), and one that does not fit is an error
@@ -122,6 +127,7 @@ class AdapterState:
         self._expanded.clear()
         self._gathered.clear()
         self.kv.clear()
+        self.step_tokens = None
         if cond is None:
             self.rows, self.has_uncond = 0, False
             return
