@@ -17,10 +17,11 @@ from ..core.attention import Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
+from .sd3 import SD3
 from .unet import UNET
 
 #: every family, most specific first
-FAMILIES: tuple[BaseFamily, ...] = (UNET,)
+FAMILIES: tuple[BaseFamily, ...] = (UNET, SD3)
 
 
 def family_of(pipe_or_denoiser) -> BaseFamily:

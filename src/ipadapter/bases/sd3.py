@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import AdapterState, Runtime
+from ..core.config import AdapterConfig
+from ..core.errors import IPAdapterError
+from .base import BaseFamily, CallFacts, Layer
 
 
 class StepTokens:
@@ -144,3 +147,144 @@ class JointIPProcessor(nn.Module):
             out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(query.dtype)
             hidden_states = hidden_states + out * state.step_scales[self.index]
         return hidden_states
+
+
+# ------------------------------------------------------------------------------------------------ family
+#: new SD3.5 adapters: InstantX's shapes (64 tokens, resampler width 1280, 20 heads x 64, depth 4, 320 sinusoids)
+NEW_ADAPTER = dict(num_tokens=64, resampler_dim=1280, resampler_depth=4, resampler_dim_head=64, resampler_ff_mult=4,
+                   time_embed_dim=320)
+
+
+def _install_step_tokens(denoiser: nn.Module, processors: dict) -> None:
+    """``transformer.image_proj`` is our :class:`StepTokens` while any joint block has adapter weights (a plain
+    attribute shadowing nothing diffusers put there: removed again, the transformer is the base model)."""
+    mine = [p for p in processors.values() if isinstance(p, JointIPProcessor) and p.states]
+    current = denoiser.__dict__.get("image_proj")
+    if mine:
+        states = list(dict.fromkeys(s for p in mine for s in p.states))
+        object.__setattr__(denoiser, "image_proj", StepTokens(states, mine[0].runtime))
+    elif isinstance(current, StepTokens):
+        del denoiser.__dict__["image_proj"]
+
+
+class SD3Family(BaseFamily):
+    name = "sd3"
+    title = "SD3 / SD3.5 transformers"
+    denoiser_attr = "transformer"
+
+    def recognises(self, denoiser: nn.Module) -> bool:
+        return type(denoiser).__name__ == "SD3Transformer2DModel"
+
+    def recognises_index(self, model_index: dict) -> bool:
+        entry = model_index.get("transformer")
+        return isinstance(entry, list) and len(entry) == 2 and entry[1] == "SD3Transformer2DModel"
+
+    def label(self, denoiser: nn.Module) -> str:
+        c = denoiser.config
+        width = c.num_attention_heads * c.attention_head_dim
+        if c.num_layers == 38 and width == 2432:
+            return "SD3.5 Large"
+        if c.num_layers == 24 and width == 1536:
+            return "SD3.5 Medium" if c.dual_attention_layers else "SD3 Medium"
+        return "SD3-family transformer"
+
+    def describe(self, denoiser: nn.Module) -> str:
+        c = denoiser.config
+        width = c.num_attention_heads * c.attention_head_dim
+        return f"{self.label(denoiser)}, {c.num_layers} joint blocks, width {width}"
+
+    def layers(self, denoiser: nn.Module) -> list[Layer]:
+        """Every attention processor in diffusers' order (one per joint block; dual-attention blocks add attn2),
+        as diffusers' loader numbers the "ip_adapter.<i>" keys."""
+        layers = []
+        for index, name in enumerate(denoiser.attn_processors):
+            attn = denoiser.get_submodule(name[: -len(".processor")])
+            layers.append(Layer(index, name, attn.to_k.out_features, attn.to_k.in_features))
+        return layers
+
+    def processor(self, layer: Layer, runtime: Runtime) -> nn.Module:
+        return JointIPProcessor(layer.index, runtime)
+
+    def install(self, denoiser: nn.Module, processors: dict) -> None:
+        denoiser.set_attn_processor(dict(processors))
+        _install_step_tokens(denoiser, processors)
+
+    def read_call(self, args: tuple, kwargs: dict) -> CallFacts:
+        sample = args[0] if args else kwargs.get("hidden_states")
+        timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
+        hw = (int(sample.shape[-2]), int(sample.shape[-1])) if sample is not None else None
+        return CallFacts(latent_hw=hw, timestep=timestep)
+
+    # ------------------------------------------------------------------------------------ fitting adapters
+    def check(self, config: AdapterConfig, denoiser: nn.Module, source: str = "adapter") -> None:
+        here = self.describe(denoiser)
+        if not config.time_conditioned:
+            raise IPAdapterError(f"{source}: {config.describe()}; this model: {here} (SD3 takes SD3.5 adapters)")
+        layers = self.layers(denoiser)
+        c = denoiser.config
+        if sorted(config.layer_widths) != [layer.index for layer in layers] or \
+                any(config.layer_widths[layer.index] != layer.width for layer in layers) or \
+                config.cross_attention_dim != layers[0].width:
+            raise IPAdapterError(f"{source}: {config.describe()}; this model: {here}")
+        if config.head_dim != c.attention_head_dim:
+            raise IPAdapterError(f"{source}: image-attention norms of width {config.head_dim}; this model's heads are "
+                                 f"{c.attention_head_dim} wide ({here})")
+        others = [s for s in _attached_states(denoiser) if s.projection is not None]
+        if others:
+            raise IPAdapterError(f"{source}: an SD3.5 adapter is already attached; one at a time on SD3 "
+                                 "(its tokens come in the pipeline's one ip_adapter_image_embeds)")
+
+    def new_config(self, denoiser: nn.Module, kind: str, embed_dim: int, num_tokens: int | None = None,
+                   **overrides) -> AdapterConfig:
+        if kind != "time-plus":
+            raise IPAdapterError(f"kind {kind!r}: SD3 adapters are of the time-plus kind (InstantX SD3.5 layout)")
+        layers = self.layers(denoiser)
+        shape = dict(NEW_ADAPTER, **overrides)
+        shape.setdefault("resampler_heads", max(shape["resampler_dim"] // shape["resampler_dim_head"], 1))
+        if num_tokens:
+            shape["num_tokens"] = num_tokens
+        return AdapterConfig(kind="time-plus", embed_dim=embed_dim, cross_attention_dim=layers[0].width,
+                             layer_widths={layer.index: layer.width for layer in layers},
+                             head_dim=denoiser.config.attention_head_dim, base_family="sd3", **shape)
+
+    def init_kv(self, adapter, denoiser: nn.Module) -> None:
+        """Image K/V start as the block's context (text) K/V, the QK norms as the block's own; AdaLN at identity."""
+        for layer in self.layers(denoiser):
+            ip = adapter.ip_adapter[str(layer.index)]
+            attn = denoiser.get_submodule(layer.module_name)
+            k, v = (attn.add_k_proj, attn.add_v_proj) if attn.add_k_proj is not None else (attn.to_k, attn.to_v)
+            with torch.no_grad():
+                ip.to_k_ip.weight.copy_(k.weight)
+                ip.to_v_ip.weight.copy_(v.weight)
+                for mine, theirs in ((ip.norm_q, attn.norm_q), (ip.norm_k, attn.norm_k),
+                                     (ip.norm_ip_k, attn.norm_added_k or attn.norm_k)):
+                    if getattr(theirs, "weight", None) is not None:
+                        mine.weight.copy_(theirs.weight)
+                ip.norm_ip.linear.weight.zero_()
+                ip.norm_ip.linear.bias.zero_()
+
+    # ------------------------------------------------------------------------------------------ generation
+    def preset_blocks(self, layers: list[Layer], preset: str) -> list[str]:
+        raise IPAdapterError(f"--blocks {preset}: the style/composition presets are UNet blocks; on SD3 name joint "
+                             "blocks (e.g. transformer_blocks.10=0.5,*=1)")
+
+    def pipeline_class(self, pipe, mode: str, controlnet: bool) -> type:
+        import diffusers
+
+        if controlnet:
+            if mode != "txt2img":
+                raise IPAdapterError(f"SD3 with a ControlNet serves text-to-image only here, not {mode}")
+            return diffusers.StableDiffusion3ControlNetPipeline
+        kind = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
+        return getattr(diffusers, f"StableDiffusion3{kind}Pipeline")
+
+    def default_size(self, pipe) -> int:
+        return int(pipe.transformer.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _attached_states(denoiser: nn.Module) -> list[AdapterState]:
+    image_proj = denoiser.__dict__.get("image_proj")
+    return list(image_proj.states) if isinstance(image_proj, StepTokens) else []
+
+
+SD3 = SD3Family()

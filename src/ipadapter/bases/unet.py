@@ -290,7 +290,8 @@ class UNetFamily(BaseFamily):
         cross = [layer for layer in layers.values() if layer.cross_dim is not None]
         c = config
         here = self.describe(denoiser)
-        if not cross or cross[0].cross_dim != c.cross_attention_dim or len(cross) != c.num_layers:
+        if c.time_conditioned or not cross or cross[0].cross_dim != c.cross_attention_dim or \
+                len(cross) != c.num_layers:
             raise IPAdapterError(f"{source}: {c.describe()}; this UNet: {here}")
         for index, width in c.layer_widths.items():
             layer = layers.get(index)

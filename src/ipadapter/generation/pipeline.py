@@ -220,7 +220,8 @@ def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
 
 
 def _feature_field(config) -> str:
-    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate"}.get(config.kind, "face_id")
+    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate",
+            "time-plus": "penultimate"}.get(config.kind, "face_id")
 
 
 def _count(features: Features) -> int:
@@ -382,6 +383,7 @@ class IPAdapter:
         self._controlnets: dict[str, object] = {}
         self.face_analysis = None  # insightface FaceAnalysis (or anything with its interface), loaded on first use
         self.insightface_root: str | os.PathLike | None = None  # where its model pack lives (default ~/.insightface)
+        self._step_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (cond, uncond) features
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
@@ -524,6 +526,12 @@ class IPAdapter:
         image_weights = None
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
+        state = target.state
+        if target.config.time_conditioned:  # SD3.5: tokens are made at every step from what the pipeline hands
+            _check_step_controls(masks, image_weights)
+            state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
+            self._step_features[adapter] = (cond.penultimate, uncond.penultimate)
+            return
         if sets is None:
             tokens = target.project_pair(cond, uncond)
         else:  # [sets x images, T, C] -> [sets, images, T, C]; cond and uncond each projected as one batch
@@ -537,7 +545,6 @@ class IPAdapter:
                 c_cond = _combine_features(c_cond, None, "average" if mode == "concat" else mode)
             # ComfyUI: the composition image's tokens in the conditional rows, the prompt's own unconditional ones
             composition = (target.project_pair(c_cond, _combine_uncond(c_uncond))[0], tokens[1][:1])
-        state = target.state
         state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
         if plan is not None:
             state.scale, state.layer_scales = _plan_scales(plan, scale, layer_scales)
@@ -552,6 +559,19 @@ class IPAdapter:
             state.set_layer_tokens(plan.composition, composition[0][None], composition[1][None])
         if plan is not None and plan.swap:
             state.swap_branches(plan.swap)
+
+    def pipeline_inputs(self, guidance_scale: float) -> dict:
+        """What the next pipeline call needs besides the prompt for adapters whose tokens depend on the timestep
+        (SD3.5): the image features as ``ip_adapter_image_embeds``, [negative; positive] when the pipeline guides
+        (SD3 pipelines guide when ``guidance_scale > 1``), [rows, n_images, S, H] for several images. The pipeline
+        repeats them for its batch and the transformer hands them to the adapter at every step. Empty otherwise:
+        ``ip.set_images([...]); pipe(prompt=..., **ip.pipeline_inputs(7.0))``."""
+        inputs: dict = {}
+        for cond, uncond in self._step_features.values():
+            rows = [uncond, cond] if guidance_scale > 1 else [cond]
+            embeds = torch.stack(rows)  # [rows, n, S, H]
+            inputs["ip_adapter_image_embeds"] = embeds[:, 0] if embeds.shape[1] == 1 else embeds
+        return inputs
 
     @staticmethod
     def _masks(masks, n: int, mode: str, size: tuple[int, int] | None) -> torch.Tensor | None:
@@ -602,6 +622,7 @@ class IPAdapter:
 
     def clear(self) -> None:
         """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
+        self._step_features.clear()
         for adapter in self.adapters:
             _reset(adapter.state)
 
@@ -728,8 +749,11 @@ class IPAdapter:
                 if p.unfold_batch and refs != batch:
                     raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
                                          "(prompts x --num-images); give one reference per image")
+            step_inputs = self.pipeline_inputs(guidance_scale)  # timestep-dependent tokens (SD3.5): the features
             one_prompt = all(a.state.rows in (0, 2) for a in self.adapters)  # --unfold-batch: rows per image
-            if "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline lays out its batch's rows
+            if step_inputs:
+                call.update(step_inputs)
+            elif "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline lays out its batch's rows
                 call.update(self.pipeline_kwargs())
             return pipe(**call).images
         finally:
@@ -781,6 +805,15 @@ class IPAdapter:
             call["image" if mode == "txt2img" else "control_image"] = fitted[0] if len(fitted) == 1 else fitted
             call["controlnet_conditioning_scale"] = scales[0] if len(scales) == 1 else scales
         return call, mode
+
+
+def _check_step_controls(masks, image_weights) -> None:
+    if masks is not None:
+        raise IPAdapterError("--image-mask: region masks are not available for SD3.5 adapters (its image attention "
+                             "spans the whole picture); leave them out")
+    if image_weights is not None:
+        raise IPAdapterError("--image-weight with --combine concat is not available for SD3.5 adapters; use "
+                             "--combine average (weighted) instead")
 
 
 def _name(source) -> str:
