@@ -5,8 +5,9 @@ as inside the pipeline's denoising loop, both adapters handed the same ``ip_adap
 so400m-shaped features: 729 x 1152) in ``joint_attention_kwargs`` at every step, as the pipeline hands them.
 
 The transformer is SD3.5-Large-shaped but scaled down to run on a CPU: 64-wide heads as in Large, fewer heads and
-joint blocks, 32x32 latents (patch 2: 256 image tokens) and 77 + 64 text tokens. The resampler is InstantX's real
-size (64 queries, width 1280, 20 heads, depth 4), so its per-step cost is realistic relative to the blocks.
+joint blocks, 32x32 latents (patch 2: 256 image tokens) and 77 + 64 text tokens. The resampler keeps InstantX's 64
+queries, depth 4 and the real SigLIP input (729 x 1152) but is scaled down in width like the transformer
+(``--resampler-dim``, InstantX: 1280); at full size the per-block image attention over 4096 latent tokens dominates.
 
 * bare: the transformer alone (no image prompt).
 * ours: ``ipadapter.attach``; the transformer calls our per-step token maker (resampler + every block's image K/V
@@ -52,9 +53,9 @@ def build(args, device: str):
         attention_head_dim=64, num_attention_heads=args.heads, caption_projection_dim=width, joint_attention_dim=width,
         pooled_projection_dim=256, pos_embed_max_size=max(args.latent // 2, 16), qk_norm="rms_norm",
     ).to(device).eval()
-    config = SD3.new_config(bare, "time-plus", SIGLIP_WIDTH)
+    config = SD3.new_config(bare, "time-plus", SIGLIP_WIDTH, resampler_dim=args.resampler_dim)
     if args.quick:
-        config.resampler_dim, config.resampler_heads, config.num_tokens = 128, 2, 16
+        config.num_tokens = 16
     torch.manual_seed(1)
     adapter = Adapter(config)
     with torch.no_grad():
@@ -138,17 +139,19 @@ def summary(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: smoke run, numbers meaningless")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=3, help="transformer calls per variant per round")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8, help="joint blocks (SD3.5 Large: 38)")
     parser.add_argument("--heads", type=int, default=8, help="64-wide heads (SD3.5 Large: 38)")
     parser.add_argument("--latent", type=int, default=32, help="latent side (1024 px: 128)")
+    parser.add_argument("--resampler-dim", type=int, default=256, help="resampler width, 64 per head (InstantX: 1280)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup, args.layers, args.heads, args.latent = 2, 1, 0, 2, 2, 16
+        args.resampler_dim = 128
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be at least 1")
     torch.set_num_threads(args.threads)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {time.perf_counter() - started:.1f} s", file=sys.stderr)
     print(f"Per-step cost, SD3.5-shaped transformer ({args.layers} joint blocks, {args.heads} heads x 64), "
           f"{args.latent}x{args.latent} latents (patch 2), {TEXT_TOKENS} text tokens, batch {BATCH} (guidance), "
-          f"SigLIP features {SIGLIP_TOKENS}x{SIGLIP_WIDTH}, fp32, {device}; {args.rounds} rounds x {args.steps} steps")
+          f"SigLIP features {SIGLIP_TOKENS}x{SIGLIP_WIDTH}, resampler width {args.resampler_dim}, fp32, {device}; "
+          f"{args.rounds} rounds x {args.steps} steps")
     print(f"Machine: {machine(device)}")
     print()
     print(summary(result))

@@ -37,8 +37,15 @@ class StepTokens:
         self.states = states
         self.runtime = runtime
 
-    def __call__(self, embeds: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, embeds: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         state = self.states[0]
+        # the denoising progress only matters under start/end or a curve (reading it syncs a GPU)
+        progress = _progress(timestep, self.runtime.num_train_timesteps) if state.schedule is not None else 0.0
+        state.kv.clear()
+        state.step_scales = {i: state.effective_scale(i, progress) for i in state.layers}
+        if not any(state.step_scales.values()):  # scale 0, or outside start..end: no resampler, no K/V this step
+            state.step_tokens = None
+            return embeds, None
         rows = embeds.shape[0]
         n = embeds.shape[1] if embeds.ndim == 4 else 1
         flat = embeds.reshape(rows * n, *embeds.shape[-2:])
@@ -46,13 +53,9 @@ class StepTokens:
         tokens, temb = state.projection(flat, times)
         if n > 1:
             tokens, temb = tokens.reshape(rows, n * tokens.shape[1], tokens.shape[2]), temb[::n]
-        # the denoising progress only matters under start/end or a curve (reading it syncs a GPU)
-        progress = _progress(timestep, self.runtime.num_train_timesteps) if state.schedule is not None else 0.0
-        state.kv.clear()
-        state.step_scales = {i: state.effective_scale(i, progress) for i in state.layers}
         state.step_tokens = tokens
         for index, layer in state.layers.items():
-            if state.step_scales[index] != 0:  # a zero scale (or outside start..end) costs nothing, as in diffusers
+            if state.step_scales[index] != 0:  # a zero block scale costs nothing, as in diffusers
                 state.kv[index] = layer.keys_values(tokens, temb)
         return tokens, temb
 
