@@ -336,8 +336,11 @@ def test_advanced_controls_reach_the_library(server, library, tmp_path):
 
 
 def test_bad_controls_and_missing_images_are_refused_with_one_line(tmp_path):
-    with pytest.raises(IPAdapterError, match="at least one prompt image"):
+    with pytest.raises(IPAdapterError, match="add a prompt image .* or a text prompt"):
         ui.generation_request(ui.Form(images=[None] * 4, weights=[1.0] * 4, masks=[None] * 4))
+    text_only, _ = ui.generation_request(ui.Form(images=[None] * 4, weights=[1.0] * 4, masks=[None] * 4,
+                                                 prompt="a red circle"))
+    assert not text_only[0].images and text_only[0].embeds is None  # the adapter sits it out: the base model
     img = drawn(tmp_path / "p.png", (0, 0, 0), (255, 255, 255))
     with pytest.raises(IPAdapterError, match="both a ControlNet model folder and a control image"):
         ui.generation_request(ui.Form(images=[str(img)], weights=[1.0], masks=[None], controlnet="somewhere"))

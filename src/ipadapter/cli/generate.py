@@ -53,7 +53,9 @@ Examples:
 def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate images from image (and text) prompts", epilog=GENERATE_GRAMMAR,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
+    g.add_argument("--model", help="diffusers model folder, hub id, or single .safetensors/.ckpt file "
+                                   "(default: the embedded world model)")
+    _add_model_flags(g)
     g.add_argument("--image-encoder", help="CLIP vision folder (default: the model's image_encoder/, then one "
                                            "beside the adapter file)")
     a = g.add_argument_group("per adapter (each --adapter starts a group, see below)")
@@ -111,7 +113,6 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--width", type=_size, default=None, help="output width (default: the model's)")
     g.add_argument("--height", type=_size, default=None, help="output height (default: the model's)")
     g.add_argument("--num-images", type=_positive_int, default=None, help="images to make (default 1)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--insightface-root", metavar="DIR",
                    help="FaceID photos: where insightface's models/buffalo_l lives (default ~/.insightface)")
     g.add_argument("-o", "--output", required=True,
@@ -193,6 +194,44 @@ def _add_comfy_flags(grouped) -> None:
             help="FaceID: a face photo (insightface, the [faceid] extra, finds the face); repeat for Portrait")
 
 
+def _add_model_flags(g) -> None:
+    """--model-config, --lora, --device, --dtype (shared by generate and ui)."""
+    m = g.add_argument_group("model files, LoRAs, device and precision")
+    m.add_argument("--model-config", metavar="DIR_OR_HUB_ID",
+                   help="for a single-file --model: a diffusers folder or hub id of the same family whose "
+                        "configuration (and tokenizers, scheduler) to use (needed offline)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA file (diffusers/peft or kohya layout), weight default 1.0; repeat for several")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda, then mps, then cpu)")
+    m.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="precision of the model (default: fp16 on cuda and mps, fp32 on cpu)")
+
+
+def _device_and_dtype(args):
+    """(device, dtype) from --device/--dtype, checked before any model loads."""
+    from ..generation.loading import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(args.device)
+    except IPAdapterError as e:
+        raise IPAdapterError(f"--{e}") from None
+    return device, resolve_dtype(getattr(args, "dtype", None), device)
+
+
+def _load_model(args, model, device, dtype, image_encoder: bool = True):
+    """The pipeline (a folder, hub id or single file) with the --lora files applied."""
+    from ..generation.loading import apply_loras, load_model, parse_lora
+
+    loras = [parse_lora(text) for text in getattr(args, "lora", None) or []]
+    for path, _ in loras:  # a missing LoRA fails before the model loads
+        if not Path(path).is_file():
+            raise IPAdapterError(f"--lora {path}: no such file")
+    pipe = load_model(model, getattr(args, "model_config", None), device=device, dtype=dtype,
+                      image_encoder=image_encoder)
+    apply_loras(pipe, loras)
+    return pipe
+
+
 def _add_embed_parser(sub) -> None:
     e = sub.add_parser("embed", help="precompute image embeddings (with their negative) for generate --embeds")
     e.add_argument("--model", help="model folder whose image_encoder/ to use (default: the embedded world model)")
@@ -242,9 +281,12 @@ def cmd_inspect(args) -> int:
         ("base family", family),
         ("parameters", f"{parameter_count(tensors):,}"),
     ]
-    if cfg.kind in ("plus", "faceid-plus"):
+    if cfg.kind in ("plus", "faceid-plus", "time-plus"):
         rows.append(("resampler", f"depth {cfg.resampler_depth}, heads {cfg.resampler_heads}, "
                                   f"dim_head {cfg.resampler_dim_head}, width {cfg.resampler_dim}"))
+    if cfg.time_conditioned:
+        rows.append(("timestep", f"tokens made at every step (sinusoid width {cfg.time_embed_dim}); per block AdaLN, "
+                                 f"QK RMSNorms of width {cfg.head_dim}"))
     if cfg.lora_layers:
         rows.append(("LoRA", f"{len(cfg.lora_layers)} layers, rank {max(cfg.lora_layers.values())}"))
     for key, value in rows:
@@ -290,7 +332,8 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         model, default_adapter = embedded_model()
         if groups[0].get("adapter") is None:
             groups[0]["adapter"] = default_adapter
-            if getattr(args, "prompt", "") and (model / "ip-adapter_pairs.safetensors").is_file():
+            text_and_image = getattr(args, "prompt", "") and groups[0].get("images")
+            if text_and_image and (model / "ip-adapter_pairs.safetensors").is_file():
                 print("note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs.safetensors "
                       "lets the text decide what it names (the default, the paper's recipe, keeps the image's)",
                       file=sys.stderr)
@@ -307,8 +350,13 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         if g.get("embeds") and (images or g.get("negative_images")):
             raise IPAdapterError(f"{name}--embeds replaces --image and --negative-image (the file holds both)")
         if not images and not g.get("embeds") and not g.get("face_embeds") and not g.get("face_images"):
-            raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
-                                 "FaceID adapters)")
+            if not getattr(args, "prompt", ""):
+                raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
+                                     "FaceID adapters), or --prompt TEXT alone for text only")
+            extra = [f for f, key in (("--negative-image", "negative_images"), ("--image-mask", "masks"),
+                                      ("--image-weight", "weights")) if g.get(key)]
+            if extra:
+                raise IPAdapterError(f"{name}{extra[0]} without --image: it belongs to a prompt image")
         if "weights" in g and images and len(g["weights"]) != n:
             raise IPAdapterError(f"{name}{len(g['weights'])} --image-weight for {n} --image: give one per image")
         combine = g.get("combine", "concat")
@@ -325,14 +373,13 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from ..generation.pipeline import ImagePrompt, load, load_pipeline
+    from ..generation.loading import config_folder
+    from ..generation.pipeline import ImagePrompt, load
     from . import reuse
     from .progress import StepProgress
 
     reuse.apply(args)  # --reuse-parameters, then the defaults
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device, dtype = _device_and_dtype(args)
     model, groups = _adapter_groups(args)
     controls = [dict(c) for c in getattr(args, "controlnet_groups", None) or []]
     seeds = _check_plain_flags(args, controls)
@@ -341,9 +388,9 @@ def cmd_generate(args) -> int:
     outputs = _outputs(args.output, args.num_images, seeds if isinstance(seeds, int) else seeds[0])
 
     need_encoder = any(not g.get("embeds") for g in groups)
-    pipe = load_pipeline(model, device=device, image_encoder=need_encoder)
+    pipe = _load_model(args, model, device, dtype, image_encoder=need_encoder)
     ip = load(pipe, [g["adapter"] for g in groups], image_encoder=args.image_encoder if need_encoder else False,
-              model_dir=model if Path(str(model)).is_dir() else None, insightface_root=args.insightface_root)
+              model_dir=config_folder(model, args.model_config), insightface_root=args.insightface_root)
     default_scale = 0.5 if args.prompt else 1.0
     prompts = [
         ImagePrompt(images=g["images"], scale=g.get("scale", default_scale), negative_images=g["negative_images"],
@@ -492,7 +539,7 @@ def cmd_embed(args) -> int:
                                      args.image_encoder)
     encoder = ImageEncoder.from_pretrained(encoder_dir)
     if args.device:
-        encoder.model.to(args.device)
+        encoder.model.to(_device_and_dtype(args)[0])
     Adapter.check_encoder(SimpleNamespace(config=cfg), encoder.model, source=str(adapter))  # reads only .config
     cond, uncond = encode_prompt(cfg, encoder, images, negatives)
     field = _feature_field(cfg)

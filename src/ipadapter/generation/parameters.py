@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.errors import IPAdapterError
+from ..core.files import atomic_write
 
 #: image formats an output name may end in, and the PIL format each is written as
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -276,15 +277,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, parameters: str) -> 
         exif.endian = ">"  # big-endian, as A1111's piexif writes: UTF-16-BE text in a big-endian file
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE + parameters.encode("utf-16-be")
         options.update(exif=exif, quality=95)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        image.save(tmp, format=fmt, **options)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))
 
 
 def read_parameters(path: str | os.PathLike) -> str:

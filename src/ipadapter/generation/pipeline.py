@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
+from ..bases import attach, attached, check, denoiser_of, detach, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
+from ..core.rows import markers
 from . import controls, limits
 
 
@@ -232,6 +233,11 @@ class ImagePrompt:
 
 
 PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "scale"}
+
+
+def is_idle(prompt: ImagePrompt) -> bool:
+    """No image, embeddings or face embeddings: the adapter sits this generation out (text-only, the base model)."""
+    return not prompt.images and prompt.embeds is None and prompt.face_embeds is None
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
 
@@ -260,7 +266,8 @@ def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
 
 
 def _feature_field(config) -> str:
-    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate"}.get(config.kind, "face_id")
+    return {"global": "image_embeds", "plus": "penultimate", "full": "penultimate",
+            "time-plus": "penultimate"}.get(config.kind, "face_id")
 
 
 def _count(features: Features) -> int:
@@ -422,6 +429,7 @@ class IPAdapter:
         self._controlnets: dict[str, object] = {}
         self.face_analysis = None  # insightface FaceAnalysis (or anything with its interface), loaded on first use
         self.insightface_root: str | os.PathLike | None = None  # where its model pack lives (default ~/.insightface)
+        self._step_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (cond, uncond) features
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
@@ -436,6 +444,7 @@ class IPAdapter:
         runtime = runtime_of(self.denoiser)
         if runtime is not None:
             runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        self._followed = pipe
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -563,6 +572,12 @@ class IPAdapter:
         image_weights = None
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
+        state = target.state
+        if target.config.time_conditioned:  # SD3.5: tokens are made at every step from what the pipeline hands
+            _check_step_controls(masks, image_weights)
+            state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
+            self._step_features[adapter] = (cond.penultimate, uncond.penultimate)
+            return
         if sets is None:
             tokens = target.project_pair(cond, uncond)
         else:  # [sets x images, T, C] -> [sets, images, T, C]; cond and uncond each projected as one batch
@@ -576,7 +591,6 @@ class IPAdapter:
                 c_cond = _combine_features(c_cond, None, "average" if mode == "concat" else mode)
             # ComfyUI: the composition image's tokens in the conditional rows, the prompt's own unconditional ones
             composition = (target.project_pair(c_cond, _combine_uncond(c_uncond))[0], tokens[1][:1])
-        state = target.state
         state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
         if plan is not None:
             state.scale, state.layer_scales = _plan_scales(plan, scale, layer_scales)
@@ -591,6 +605,19 @@ class IPAdapter:
             state.set_layer_tokens(plan.composition, composition[0][None], composition[1][None])
         if plan is not None and plan.swap:
             state.swap_branches(plan.swap)
+
+    def pipeline_inputs(self, guidance_scale: float) -> dict:
+        """What the next pipeline call needs besides the prompt for adapters whose tokens depend on the timestep
+        (SD3.5): the image features as ``ip_adapter_image_embeds``, [negative; positive] when the pipeline guides
+        (SD3 pipelines guide when ``guidance_scale > 1``), [rows, n_images, S, H] for several images. The pipeline
+        repeats them for its batch and the transformer hands them to the adapter at every step. Empty otherwise:
+        ``ip.set_images([...]); pipe(prompt=..., **ip.pipeline_inputs(7.0))``."""
+        inputs: dict = {}
+        for cond, uncond in self._step_features.values():
+            rows = [uncond, cond] if guidance_scale > 1 else [cond]
+            embeds = torch.stack(rows)  # [rows, n, S, H]
+            inputs["ip_adapter_image_embeds"] = embeds[:, 0] if embeds.shape[1] == 1 else embeds
+        return inputs
 
     @staticmethod
     def _masks(masks, n: int, mode: str, size: tuple[int, int] | None) -> torch.Tensor | None:
@@ -612,8 +639,36 @@ class IPAdapter:
         """Tokens of n images ([n, T, C]) -> one prompt of n images, stacked as [uncond; cond]."""
         adapter.state.set_tokens(cond[None], uncond[None])
 
+    def pipeline_kwargs(self) -> dict:
+        """What to hand a pipeline you call yourself so the adapters follow its own batch layout:
+        ``pipe(prompt=..., **ip.pipeline_kwargs())`` after :meth:`set_images`.
+
+        The pipeline lays out tiny row markers (``ip_adapter_image_embeds``, one per adapter, see
+        :mod:`ipadapter.core.rows`) for its batch as it would lay out image embeddings: PAG's perturbed branch,
+        InstructPix2Pix's image-only branch, SAG's degraded pass, a video's frames. Without them the batch is taken
+        as [unconditional; conditional] rows, and a batch that does not fit that is an error.
+        """
+        param = next(self.denoiser.parameters())
+        handed = markers(len(attached(self.denoiser)), device=param.device, dtype=param.dtype)
+        return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
+
+    @staticmethod
+    def _in_pipeline_order(pipe, handed: list) -> list:
+        """The markers in the order the pipeline's own ``prepare_ip_adapter_image_embeds`` reads them under
+        guidance: [negative; positive] for most; InstructPix2Pix reads [positive; negative; negative] (it splits
+        in three), which its method tells by refusing two."""
+        prepare = getattr(pipe, "prepare_ip_adapter_image_embeds", None)
+        if prepare is None:
+            return handed
+        try:
+            prepare(None, [handed[0][:2]], handed[0].device, 1, True)
+        except ValueError:
+            return [torch.cat([m[1:2], m[0:1], m[0:1]]) for m in handed]
+        return handed
+
     def clear(self) -> None:
         """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
+        self._step_features.clear()
         for adapter in self.adapters:
             _reset(adapter.state)
 
@@ -660,8 +715,17 @@ class IPAdapter:
             self._controlnets[key] = load_controlnet(source, self.pipe.unet)
         return self._controlnets[key]
 
-    def output_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
-        """(width, height): as given, else the model's default (UNet sample size x VAE factor)."""
+    def output_size(self, width: int | None = None, height: int | None = None,
+                    init_image=None) -> tuple[int, int]:
+        """(width, height): as given, else the init image's (rounded down to the VAE's multiple, as diffusers'
+        img2img does), else the model's default."""
+        factor = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if init_image is not None and (width is None or height is None):
+            w, h = load_image(init_image).size
+            if min(w, h) < factor:
+                raise IPAdapterError(f"--init-image {_name(init_image)}: {w}x{h} is smaller than the VAE's {factor} "
+                                     "pixels; give a larger image or --width/--height")
+            return int(width or w - w % factor), int(height or h - h % factor)
         default = self.family.default_size(self.pipe)
         return int(width or default), int(height or default)
 
@@ -701,7 +765,7 @@ class IPAdapter:
             sets = image_sets(p.images)
             if sets is not None and len(sets) != texts:
                 raise IPAdapterError(f"images: {len(sets)} image lists for {texts} text prompt(s); give one per prompt")
-        size = self.output_size(width, height)
+        size = self.output_size(width, height, init_image)
         guidance_scale = limits.check_request(guidance_scale, num_inference_steps, num_images, size,
                                               self.output_size(), self._max_steps())
         call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
@@ -727,11 +791,21 @@ class IPAdapter:
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
             for i, p in enumerate(prompts):
+                if is_idle(p):  # text-only for this adapter: it stays idle, the base model runs
+                    check_scale(p.scale)
+                    _reset(self.adapters[i].state)
+                    continue
                 self.set_images(adapter=i, prompt=p, size=size)
                 refs = self.adapters[i].state.rows // 2
                 if p.unfold_batch and refs != batch:
                     raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
                                          "(prompts x --num-images); give one reference per image")
+            step_inputs = self.pipeline_inputs(guidance_scale)  # timestep-dependent tokens (SD3.5): the features
+            one_prompt = all(a.state.rows in (0, 2) for a in self.adapters)  # --unfold-batch: rows per image
+            if step_inputs:
+                call.update(step_inputs)
+            elif "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline lays out its batch's rows
+                call.update(self.pipeline_kwargs())
             return pipe(**call).images
         finally:
             self.clear()
@@ -784,6 +858,15 @@ class IPAdapter:
         return call, mode
 
 
+def _check_step_controls(masks, image_weights) -> None:
+    if masks is not None:
+        raise IPAdapterError("--image-mask: region masks are not available for SD3.5 adapters (its image attention "
+                             "spans the whole picture); leave them out")
+    if image_weights is not None:
+        raise IPAdapterError("--image-weight with --combine concat is not available for SD3.5 adapters; use "
+                             "--combine average (weighted) instead")
+
+
 def _name(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "image"
 
@@ -792,7 +875,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
     """A ``ControlNetModel`` from a folder (or as given), on the UNet's device, checked to fit the UNet."""
     from diffusers import ControlNetModel
 
-    param = next(unet.parameters())
+    weight = next(unet.parameters())
     if isinstance(source, torch.nn.Module):
         model, where = source, "controlnet"
     else:
@@ -801,7 +884,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
         if not (path / "config.json").is_file():
             raise IPAdapterError(f"{where}: not a ControlNet folder (no config.json)")
         try:
-            model = ControlNetModel.from_pretrained(str(path), **{_dtype_keyword(): dtype or param.dtype})
+            model = ControlNetModel.from_pretrained(str(path), **{_dtype_keyword(): dtype or weight.dtype})
         except Exception as e:  # noqa: BLE001 - a broken folder is bad input
             raise IPAdapterError(f"{where}: cannot load the ControlNet ({' '.join(str(e).split())[:140]})") from None
     mine, theirs = getattr(model.config, "cross_attention_dim", None), unet.config.cross_attention_dim
@@ -811,7 +894,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
             f"{where}: made for a UNet of cross-attention width {mine} ({'SDXL' if kind_mine else 'SD 1.x/2.x'}); "
             f"this model's is {theirs} ({'SDXL' if unet.config.addition_embed_type else 'SD 1.x/2.x'})"
         )
-    return model.to(param.device, param.dtype)
+    return model.to(weight.device, weight.dtype)
 
 def _broadcast_features(neg: Features, like: Features) -> Features:
     def fit(t, ref):
@@ -862,7 +945,8 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         first = next((i for i in items if not isinstance(i, Adapter)), None)
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
-        encoder.model.to(next(denoiser.parameters()).device)
+        param = next(denoiser.parameters())
+        encoder.model.to(param.device, param.dtype)  # the encoder follows the pipeline
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     ip = IPAdapter(pipe, loaded, encoder)

@@ -181,8 +181,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
     from ..generation.pipeline import ImagePrompt
 
     slots = form.prompt_images()
-    if not slots:
-        raise IPAdapterError('add at least one prompt image (drop a PNG, JPEG or WebP on "Image 1")')
+    if not slots and not form.prompt.strip():
+        raise IPAdapterError('add a prompt image (drop a PNG, JPEG or WebP on "Image 1") or a text prompt')
+    if not slots:  # text only: the adapter sits it out, the base model runs
+        prompts = [ImagePrompt(scale=float(form.scale))]
+        return prompts, _generate_kwargs(form)
     images = [_read_image(path, "prompt image") for path, _, _ in slots]
     options: dict[str, Any] = {"combine": form.combine}
     weights = [w for _, w, _ in slots]
@@ -205,7 +208,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
         options.update(start=float(form.start), end=float(form.end), curve=form.curve)
     options.update(comfy_options(form.comfy))
     prompts = [ImagePrompt(images=images, scale=float(form.scale), **options)]
+    return prompts, _generate_kwargs(form)
 
+
+def _generate_kwargs(form) -> dict[str, Any]:
+    """The keyword arguments of :meth:`IPAdapter.generate` besides the image prompts."""
     kwargs: dict[str, Any] = dict(
         prompt=form.prompt, negative_prompt=form.negative_prompt or None, num_inference_steps=int(form.steps),
         guidance_scale=float(form.guidance), seed=int(form.seed), width=int(form.width), height=int(form.height),
@@ -222,7 +229,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
             raise IPAdapterError("ControlNet needs both a ControlNet model folder and a control image")
         kwargs.update(controlnets=[form.controlnet], control_images=[_read_image(form.control_image, "control image")],
                       control_scales=[float(form.control_scale)])
-    return prompts, kwargs
+    return kwargs
 
 
 def _read_image(path: str, what: str, mode: str = "RGB"):
@@ -293,8 +300,10 @@ def default_size(model: str | os.PathLike) -> int:
 class ModelCache:
     """Loaded ``IPAdapter`` objects by (model, adapter, encoder), the last ``size`` used; each with its own lock."""
 
-    def __init__(self, device: str | None = None, image_encoder: str | None = None, size: int = MAX_MODELS):
+    def __init__(self, device: str | None = None, image_encoder: str | None = None, size: int = MAX_MODELS,
+                 options: dict | None = None):
         self.device, self.image_encoder, self.size = device, image_encoder, size
+        self.options = dict(options or {})  # model_config, loras, dtype (see generation.loading)
         self._items: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -311,16 +320,16 @@ class ModelCache:
             return item
 
     def _load(self, model: str, adapter: str):
-        import torch
-
-        from ..generation.pipeline import load, load_pipeline
+        from ..generation.loading import apply_loras, config_folder, load_model, resolve_device, resolve_dtype
+        from ..generation.pipeline import load
 
         if not Path(adapter).is_file():
             raise IPAdapterError(f"{adapter}: no such adapter file")
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(model, device=device)
-        return load(pipe, adapter, image_encoder=self.image_encoder,
-                    model_dir=model if Path(model).is_dir() else None)
+        device = resolve_device(self.device)
+        config = self.options.get("model_config")
+        pipe = load_model(model, config, device=device, dtype=resolve_dtype(self.options.get("dtype"), device))
+        apply_loras(pipe, self.options.get("loras") or ())
+        return load(pipe, adapter, image_encoder=self.image_encoder, model_dir=config_folder(model, config))
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -441,15 +450,16 @@ def _is_embedded(model: str) -> bool:
 def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
               image_encoder: str | os.PathLike | None = None, device: str | None = None,
               output_dir: str | os.PathLike | None = None, allow_model_change: bool = True,
-              preload: bool = False):
+              preload: bool = False, model_options: dict | None = None):
     """The Gradio Blocks app, not launched (see :func:`launch`). ``model``/``adapter``: the embedded world model's
-    by default. ``preload`` loads the model now, so that a bad model fails here and the first click is fast."""
+    by default. ``preload`` loads the model now, so that a bad model fails here and the first click is fast.
+    ``model_options``: ``model_config`` (for a single-file model), ``loras`` [(file, weight)], ``dtype``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no telemetry calls
     import gradio as gr
 
     model, adapter = resolve_model(model, adapter)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="ipadapter-ui-"))
-    models = ModelCache(device, str(image_encoder) if image_encoder else None)
+    models = ModelCache(device, str(image_encoder) if image_encoder else None, options=model_options)
     generator = Generator(models, model, adapter, output_dir, allow_model_change)
     if preload:
         models.get(model, adapter)
