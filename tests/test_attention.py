@@ -152,11 +152,27 @@ def test_keys_values_follow_the_unet_batch_layout():
     assert _rows(k) == [1, 2]
     k, _ = state.keys_values(1, 4, cfg_hint=False)
     assert _rows(k) == [1, 1, 2, 2]
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=r"not \[unconditional; conditional\].*pipeline_kwargs\(\)"):
         state.keys_values(1, 6, cfg_hint=True)
     only_cond = _identity_state(cond)
     k, _ = only_cond.keys_values(1, 4, cfg_hint=True)
     assert _rows(k) == [1, 1, 2, 2]
+
+
+@torch.no_grad()  # as in generation: gathered K/V are cached only without autograd
+def test_keys_values_take_the_rows_the_pipeline_laid_out():
+    cond = torch.ones(1, 3, 4)
+    state = _identity_state(cond, -cond)  # rows: 0 = uncond (-1), 1 = cond (1)
+    state.call_rows = torch.tensor([0, 1, 1])  # PAG: [uncond; cond; perturbed cond]
+    k, _ = state.keys_values(1, 3, cfg_hint=True)
+    assert _rows(k) == [-1, 1, 1]
+    assert state.keys_values(1, 3)[0] is k  # the same rows again: gathered once
+    k, _ = state.keys_values(1, 6)  # frames folded into the batch: each row repeated
+    assert _rows(k) == [-1, -1, 1, 1, 1, 1]
+    state.call_rows = torch.tensor([1, 0, 0])  # InstructPix2Pix-style order
+    assert _rows(state.keys_values(1, 3)[0]) == [1, -1, -1]
+    with pytest.raises(ValueError, match="laid out 3 image-prompt rows for a denoiser batch of 4"):
+        state.keys_values(1, 4)
 
 
 def test_keys_values_computed_once_per_set_tokens(sd15_pipe):

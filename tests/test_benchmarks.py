@@ -41,3 +41,16 @@ def test_bench_flux_quick_prints_the_table():
         assert float(row.group(1).split("|")[-1]) < 1e-4, row.group(0)  # ours == diffusers on the same weights
         acts = re.search(rf"^{re.escape(label)}: max abs diff ours vs bare transformer ([0-9.e+-]+)", out, re.MULTILINE)
         assert acts is not None and float(acts.group(1)) > 1e-3, out
+
+
+def test_bench_sd3_quick_compares_ours_with_diffusers():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    bench = BENCH.parent / "bench_sd3.py"
+    done = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = re.search(r"^\| [0-9.]+ \|(.*)\|$", done.stdout, re.MULTILINE)
+    assert row is not None, done.stdout
+    assert float(row.group(1).split("|")[-1]) < 1e-4, row.group(0)  # ours == diffusers on the same weights
+    acts = re.search(r"max abs diff ours vs bare transformer ([0-9.e+-]+)", done.stdout)
+    assert acts is not None and float(acts.group(1)) > 1e-3, done.stdout

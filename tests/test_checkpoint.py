@@ -381,3 +381,15 @@ def test_metadata_json_is_our_config(tmp_path, adapters):
     with safe_open(str(tmp_path / "f.safetensors"), framework="pt") as f:
         saved = json.loads(f.metadata()["ipadapter_config"])
     assert AdapterConfig.from_dict(saved) == adapters["faceid"].config
+
+
+@pytest.mark.parametrize("name, payload", [("notes.txt", b"some notes\nnot a checkpoint\n"),
+                                           ("notes.bin", b"some notes\nnot a checkpoint\n"), ("hello.pt", b"hello")])
+def test_a_file_that_is_no_checkpoint_is_one_line_naming_what_fits(tmp_path, name, payload):
+    """torch's weights-only unpickler raises IndexError ("pop from empty list") on text, KeyError on a few bytes."""
+    from ipadapter.core.checkpoint import load_tensors
+
+    path = tmp_path / name
+    path.write_bytes(payload)
+    with pytest.raises(IPAdapterError, match=rf"{name}: not a checkpoint .*an adapter is a \.safetensors file"):
+        load_tensors(path)

@@ -258,3 +258,63 @@ def test_a_command_closes_the_process_group_it_ran_in(capsys, files, tmp_path, g
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ a newcomer's first hour
+def test_inspect_names_the_simple_adapters_concat_attention(capsys):
+    from ipadapter.generation.pipeline import embedded_model
+
+    model, _ = embedded_model()
+    rc, out, err = _run(capsys, ["inspect", str(model / "ip-adapter_simple.safetensors")])
+    assert rc == 0, err
+    fields = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip() for line in out.splitlines()}
+    assert fields["attention"].startswith("concat (the paper's simple adapter: image tokens appended to the text")
+    rc, out, _ = _run(capsys, ["inspect", str(model / "ip-adapter_global.safetensors")])
+    assert "attention: decoupled (the paper's decoupled cross-attention" in out
+
+
+def test_generate_shows_progress_when_long_and_is_quiet_when_short(capsys, files, tmp_path, monkeypatch):
+    from ipadapter.cli import progress
+
+    monkeypatch.setattr(progress, "LONG_S", 1e9)  # every generation counts as short (no timing in tests)
+    rc, _, err = _run(capsys, _generate(files, tmp_path / "short.png"))
+    assert rc == 0 and "denoising" not in err  # short, and stderr is no terminal
+    monkeypatch.setattr(progress, "LONG_S", 0.0)  # every generation counts as long now
+    rc, _, err = _run(capsys, _generate(files, tmp_path / "long.png"))
+    assert rc == 0 and "denoising" in err and f"/{STEPS}" in err, err
+    assert "error" not in err
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+    from types import SimpleNamespace
+
+    from ipadapter.cli.progress import StepProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    bar = StepProgress(file=screen, long_s=3600)
+    pipe = SimpleNamespace(num_timesteps=3)
+    for step in range(3):
+        assert bar(pipe, step, 0, {"latents": 1}) == {"latents": 1}
+    bar.close()
+    assert "denoising" in screen.getvalue() and "3/3" in screen.getvalue()
+
+
+def test_world_data_then_train_works_as_documented(capsys, tmp_path, monkeypatch):
+    """README: `ipadapter world data --out wd -n 64`, then `ipadapter train --data wd/data.json ...`: world data
+    has empty captions on purpose (image-only items), and train defaults to the embedded model."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _run(capsys, ["world", "data", "--out", "wd", "-n", "64"])
+    assert rc == 0, err
+    items = __import__("json").loads((tmp_path / "wd" / "data.json").read_text())
+    assert sum(1 for item in items if not item["text"]) >= 7  # what used to stop the run (over 10% "unusable")
+    rc, out, err = _run(capsys, ["train", "--data", "wd/data.json", "--output", "out", "--max-steps", "1",
+                                 "--batch-size", "2", "--resolution", "16", "--no-cache", "--set", "tensorboard=false",
+                                 "--set", "progress=false"])
+    assert rc == 0, err
+    assert (tmp_path / "out" / "ip-adapter.safetensors").is_file()
+    assert "skipped" not in (tmp_path / "out" / "train.log").read_text()

@@ -35,14 +35,15 @@ def test_json_list_with_data_root_counts_missing_and_empty_captions(tmp_path):
     for i in range(4):
         _png(root / f"{i}.png", seed=i)
     entries = [{"image_file": f"{i}.png", "text": f"caption {i}"} for i in range(4)]
-    entries += [{"image_file": "gone.png", "text": "missing"}, {"image_file": "0.png", "text": "  "}, "junk"]
+    entries += [{"image_file": "gone.png", "text": "missing"}, {"image_file": "0.png"}, "junk"]
+    entries += [{"image_file": "1.png", "text": "  "}]  # an empty caption is an image-only item, not a bad one
     data = tmp_path / "list.json"
     data.write_text(json.dumps(entries))
     bad = D.BadItems()
     records = D.read_records(data, root, bad)
-    assert [r.text for r in records] == [f"caption {i}" for i in range(4)]
+    assert [r.text for r in records] == [f"caption {i}" for i in range(4)] + [""]
     assert records[0].image.path == str(root / "0.png")
-    assert bad.skipped == {"missing file": 1, "empty caption": 1, "malformed entry": 1}
+    assert bad.skipped == {"missing file": 1, "no caption": 1, "malformed entry": 1}
     assert "gone.png" in bad.summary(7)
     with pytest.raises(IPAdapterError, match="over the 10% limit"):
         bad.check(7)  # 3 of 7 bad
@@ -73,10 +74,12 @@ def test_jsonl_folder_and_face_ids(tmp_path):
     _png(folder / "sub" / "y.jpg")
     (folder / "sub" / "y.txt").write_text("a blue circle")
     _png(folder / "z.png")  # no caption
+    _png(folder / "e.png")
+    (folder / "e.txt").write_text("\n")  # an empty caption: kept, as an image-only item
     bad = D.BadItems()
     records = D.read_records(folder, bad=bad)
-    assert sorted(r.text for r in records) == ["a blue circle", "a red square"]
-    assert bad.skipped == {"empty caption": 1}
+    assert sorted(r.text for r in records) == ["", "a blue circle", "a red square"]
+    assert bad.skipped == {"no caption": 1}
 
 
 def _add(tf: tarfile.TarFile, name: str, payload: bytes) -> None:

@@ -229,3 +229,36 @@ def test_encoder_width_mismatch_is_refused_before_touching_the_unet(tmp_path, sd
     assert str(info.value).startswith(str(path))
     assert getattr(unet, "_ipadapter", None) is None
     assert all(unet.attn_processors[name] is proc for name, proc in before.items())
+
+
+def test_an_animated_image_is_noted_as_its_first_frame(tmp_path, recwarn):
+    from ipadapter.core.errors import IPAdapterNote
+
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.warns(IPAdapterNote, match=r"anim.gif: an animated image \(3 frames\); the first frame is used"):
+        img = load_image(tmp_path / "anim.gif")
+    assert img.getpixel((8, 8)) == (255, 0, 0)
+    frames[0].save(tmp_path / "still.gif")
+    recwarn.clear()
+    load_image(tmp_path / "still.gif")
+    assert not [w for w in recwarn if issubclass(w.category, IPAdapterNote)]
+
+
+def test_the_library_triggers_no_torchvision_fallback_notice(tmp_path):
+    """transformers 5 logs "`CLIPImageProcessor` requires torchvision ... falling back" once per process, on the
+    first look-up of the name (diffusers' pipeline modules do it at import). Without torchvision installed, the
+    library must not make it appear (a fresh interpreter: the notice is logged once per process)."""
+    import subprocess
+    import sys
+
+    script = ("import ipadapter\n"
+              "from ipadapter.core.encoders import ImageEncoder\n"
+              "from ipadapter.testing import tiny_image_encoder\n"
+              "ImageEncoder(tiny_image_encoder())\n"
+              "pipe = ipadapter.load_pipeline(ipadapter.embedded_model()[0])\n"
+              "ipadapter.load(pipe, ipadapter.embedded_model()[1])\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "requires torchvision" not in proc.stderr and "falling back" not in proc.stderr, proc.stderr

@@ -155,7 +155,7 @@ def test_read_pairs_jsonl_and_folder_with_txt_captions(tmp_path):
     random_image(0).save(tmp_path / "a.png")
     random_image(1).save(tmp_path / "b.jpg")
     (tmp_path / "a.txt").write_text("a cat\n")
-    with pytest.raises(IPAdapterError, match="empty caption"):  # b.jpg has no caption: nothing is skipped quietly
+    with pytest.raises(IPAdapterError, match="no caption"):  # b.jpg has no caption: nothing is skipped quietly
         read_pairs(tmp_path)
     (tmp_path / "b.txt").write_text("a dog")
     pairs = read_pairs(tmp_path)

@@ -292,3 +292,122 @@ def test_one_image_set_per_text_prompt_conditions_each_prompt_on_its_own(sd15_pi
     # row j is the prompt on set j as if alone (up to batch rounding), and the two sets give other images
     same = max(diff(ab[0], alone[0]), diff(ba[1], alone[0]), diff(ab[1], ba[0]))
     assert diff(ab[0], ab[1]) > 1e-3 and same < 0.01 * diff(ab[0], ab[1]), (same, diff(ab[0], ab[1]))
+
+
+def test_image_encoder_search_lists_each_place_once_and_knows_the_official_layout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IPAdapterError) as info:  # a relative name: its folder "." is its own parent, listed once
+        find_image_encoder("ip-adapter.bin", "sd15")
+    message = str(info.value)
+    looked = message[message.index("looked in ") + len("looked in "):message.index(";")].split(", ")
+    assert looked == ["sd15/image_encoder", "image_encoder", "models/image_encoder"]
+    with pytest.raises(IPAdapterError, match="looked in a/image_encoder, a/models/image_encoder, image_encoder, "
+                                             "models/image_encoder;"):
+        find_image_encoder("a/ip-adapter.bin")
+    assert "official IP-Adapter release keeps it in models/image_encoder beside the adapter files" in message
+    # the official release: models/image_encoder beside models/*.bin, used by sdxl_models/*vit-h* too
+    (tmp_path / "IP-Adapter" / "models" / "image_encoder").mkdir(parents=True)
+    (tmp_path / "IP-Adapter" / "models" / "image_encoder" / "config.json").write_text("{}")
+    official = tmp_path / "IP-Adapter" / "models" / "image_encoder"
+    assert find_image_encoder(tmp_path / "IP-Adapter" / "models" / "ip-adapter_sd15.bin") == official
+    assert find_image_encoder(tmp_path / "IP-Adapter" / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.bin") == official
+    assert find_image_encoder(tmp_path / "IP-Adapter" / "ip-adapter_sd15.bin") == official
+
+
+def test_guidance_must_be_finite_for_python_callers_too(sd15_pipe, adapter_file, prompt_images):
+    ip = load(sd15_pipe, adapter_file("sd15", "global"))
+    try:
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(IPAdapterError, match=f"guidance_scale={bad}: must be a finite number"):
+                ip.generate(images=[prompt_images[0]], seed=0, **{**GEN, "guidance_scale": bad})
+        with pytest.raises(IPAdapterError, match="num_images=0: must be between 1 and 64"):
+            ip.generate(images=[prompt_images[0]], seed=0, num_images=0, **GEN)
+        with pytest.raises(IPAdapterError, match="num_inference_steps=5000: must be between 1 and 1000"):
+            ip.generate(images=[prompt_images[0]], seed=0, **{**GEN, "num_inference_steps": 5000})
+    finally:
+        ip.detach()
+
+
+def test_a_size_far_from_the_native_one_is_noted(sd15_pipe, adapter_file, prompt_images):
+    from ipadapter.core.errors import IPAdapterNote
+
+    ip = load(sd15_pipe, adapter_file("sd15", "global"))
+    native = ip.output_size()
+    try:
+        with pytest.warns(IPAdapterNote, match=f"far from this model's native {native[0]}x{native[1]}"):
+            ip.generate(images=[prompt_images[0]], seed=0, **{**GEN, "width": native[0] * 3, "height": native[1],
+                                                               "num_inference_steps": 1})
+    finally:
+        ip.detach()
+
+
+def test_load_finds_a_bare_adapter_name_in_the_pipelines_model_folder(tmp_path, monkeypatch):
+    import ipadapter
+
+    model, _ = ipadapter.embedded_model()
+    monkeypatch.chdir(tmp_path)  # no such file here
+    pipe = ipadapter.load_pipeline(model)
+    ip = ipadapter.load(pipe, "ip-adapter_plus.safetensors")  # as the CLI, eval and the page resolve it
+    try:
+        assert ip.adapters[0].config.kind == "plus"
+    finally:
+        ip.detach()
+    with pytest.raises(IPAdapterError, match="no-such.safetensors: no such checkpoint file"):
+        ipadapter.load(pipe, "no-such.safetensors")
+
+
+def test_an_offline_machine_fails_fast_and_names_hf_download(monkeypatch):
+    import socket
+
+    import diffusers
+    from huggingface_hub import constants
+
+    from ipadapter.generation.pipeline import load_pipeline
+
+    calls, timeouts = [], []
+
+    def from_pretrained(model_id, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        raise OSError("not cached" if local_files_only else "network timeout after a long wait")
+
+    def connect(address, timeout=None, *args, **kwargs):
+        timeouts.append(timeout)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", staticmethod(from_pretrained))
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(IPAdapterError, match=r"hub cannot be reached \(no connection to .*:443.*hf download "
+                                             r"someone/not-cached"):
+        load_pipeline("someone/not-cached")
+    assert calls == [True]  # the cache only: no download attempt waiting on network timeouts
+    assert timeouts and all(t is not None and t <= 3 for t in timeouts)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    timeouts.clear()
+    with pytest.raises(IPAdapterError, match="HF_HUB_OFFLINE is set"):
+        load_pipeline("someone/not-cached")
+    assert timeouts == []
+
+
+def test_a_hub_that_does_not_answer_is_given_up_on_after_the_timeout(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from huggingface_hub import constants
+
+    from ipadapter.generation.pipeline import hub_unreachable
+
+    release = threading.Event()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    def hang(*args, **kwargs):  # a name lookup that hangs, then fails
+        release.wait(30)
+        raise OSError(110, "Connection timed out")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    started = time.monotonic()
+    try:
+        assert hub_unreachable(timeout=0.2) == "no answer from huggingface.co:443 within 0.2 s"
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()

@@ -27,8 +27,8 @@ def _spoil(data, corrupt=(), missing=(), empty=(), cmyk=()):
         (folder / items[i]["image_file"]).write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     for i in missing:
         (folder / items[i]["image_file"]).unlink()
-    for i in empty:
-        items[i]["text"] = ""
+    for i in empty:  # no caption at all ("" would be an image-only item)
+        del items[i]["text"]
     for i in cmyk:
         Image.new("CMYK", (20, 18), (0, 200, 0, 0)).save(folder / "odd.jpg")
         items[i]["image_file"] = "odd.jpg"
@@ -42,7 +42,7 @@ def test_bad_items_are_skipped_counted_and_reported(tmp_path):
     assert out.is_file()
     log = (tmp_path / "out" / "train.log").read_text()
     assert "skipped 3 of 30 items" in log
-    for reason in ("1 missing file", "1 empty caption", "1 unreadable image", "1 CMYK"):
+    for reason in ("1 missing file", "1 no caption", "1 unreadable image", "1 CMYK"):
         assert reason in log, log
     assert "003.png" in log  # names an example
 

@@ -325,8 +325,8 @@ def test_advanced_controls_reach_the_library(server, library, tmp_path):
 
     entries, _ = app.ipadapter_generator.run(form)
     text = entries[0]["text"]
-    for part in ("b.png (weight 0.5)", "mask left.png", "IP-Adapter blocks: style", "IP-Adapter range: 0-0.6",
-                 "Denoising strength: 0.8", "IP-Adapter negative image: b.png"):
+    for part in ("image: b.png, image weight: 0.5", "image mask: left.png", "blocks: style", "end: 0.6",
+                 "Denoising strength: 0.8", "negative image: b.png"):
         assert part in text, text
     plain = ui.Form(images=[str(a), None, None, None], weights=[1.0] * 4, masks=[None] * 4, seed=4,
                     random_seed=False, steps=2, width=32, height=32)
@@ -336,8 +336,11 @@ def test_advanced_controls_reach_the_library(server, library, tmp_path):
 
 
 def test_bad_controls_and_missing_images_are_refused_with_one_line(tmp_path):
-    with pytest.raises(IPAdapterError, match="at least one prompt image"):
+    with pytest.raises(IPAdapterError, match="add a prompt image .* or a text prompt"):
         ui.generation_request(ui.Form(images=[None] * 4, weights=[1.0] * 4, masks=[None] * 4))
+    text_only, _ = ui.generation_request(ui.Form(images=[None] * 4, weights=[1.0] * 4, masks=[None] * 4,
+                                                 prompt="a red circle"))
+    assert not text_only[0].images and text_only[0].embeds is None  # the adapter sits it out: the base model
     img = drawn(tmp_path / "p.png", (0, 0, 0), (255, 255, 255))
     with pytest.raises(IPAdapterError, match="both a ControlNet model folder and a control image"):
         ui.generation_request(ui.Form(images=[str(img)], weights=[1.0], masks=[None], controlnet="somewhere"))

@@ -53,7 +53,7 @@ def test_weight_type_and_crop_set_in_the_browser_match_the_library(server, page_
     choose(page, "#ipa-crop", "top")
     page.locator("#ipa-generate").click()
     shown = wait_result(page)
-    assert "weight type: style-transfer" in shown and "crop: top" in shown, shown
+    assert "weight_type: style-transfer" in shown and "crop: top" in shown, shown
     got = pixels(download(page, tmp_path / "result.png"))
     want = library(prompt, seed=6, weight_type="style-transfer", crop="top")
     assert np.abs(got - want).max() <= 1
@@ -69,7 +69,7 @@ def test_comfy_controls_over_the_http_api(server, library, tmp_path):  # noqa: F
     _, parameters, png = client.predict(image_1=handle_file(prompt), seed=2, random_seed=False, steps=2, width=32,
                                         height=32, weight_type="ease-out", crop="bottom", embeds_scaling="kv-penalty",
                                         negative_noise="fade", noise_strength=0.5, api_name="/generate")
-    assert "weight type: ease-out" in parameters and "negative noise: fade" in parameters
+    assert "weight_type: ease-out" in parameters and "negative_noise: fade" in parameters
     want = library(prompt, seed=2, weight_type="ease-out", crop="bottom", embeds_scaling="kv-penalty",
                    negative_noise="fade", noise_strength=0.5)
     assert np.abs(pixels(png) - want).max() <= 1

@@ -154,17 +154,6 @@ def tiny_t5_tokenizer(folder: str | os.PathLike | None = None):
     return tok
 
 
-def tiny_siglip_encoder(hidden: int = 48, image_size: int = 32, patch: int = 8, layers: int = 2):
-    """A random ``SiglipVisionModel`` (InstantX's encoder family) with its image processor."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(4)
-    cfg = SiglipVisionConfig(hidden_size=hidden, image_size=image_size, patch_size=patch, num_hidden_layers=layers,
-                             num_attention_heads=4, intermediate_size=hidden * 2)
-    processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
-    return SiglipVisionModel(cfg).eval(), processor
-
-
 def tiny_flux_transformer(double: int = 2, single: int = 3, heads: int = 2, head_dim: int = 16,
                           joint_dim: int = 4096, pooled_dim: int = 32, guidance: bool = True):
     """A random ``FluxTransformer2DModel`` shaped like FLUX.1 (token width 4096, so diffusers reads XLabs v2's
@@ -218,6 +207,75 @@ def tiny_flux_pipeline(folder: str | os.PathLike | None = None, double: int = 2,
     return pipe
 
 
+# ------------------------------------------------------------------------------------------------- SD3 family
+def tiny_siglip_encoder(hidden: int = 48, image_size: int = 32, patch: int = 8, layers: int = 3):
+    """A random ``SiglipVisionModel`` (InstantX SD3.5 reads its hidden_states[-2]) and its image processor."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(4)
+    cfg = SiglipVisionConfig(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                             num_attention_heads=4, image_size=image_size, patch_size=patch)
+    return SiglipVisionModel(cfg).eval(), siglip_processor(image_size)
+
+
+def siglip_processor(image_size: int):
+    from .core.encoders import siglip_processor_class
+
+    return siglip_processor_class()(size={"height": image_size, "width": image_size})
+
+
+def tiny_sd3_transformer(num_layers: int = 3, heads: int = 4, head_dim: int = 8, text_dim: int = 64,
+                         pooled_dim: int = 64, sample_size: int = 16, dual_attention_layers: tuple[int, ...] = ()):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(5)
+    return SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, caption_projection_dim=heads * head_dim,
+        joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim, pos_embed_max_size=32,
+        dual_attention_layers=dual_attention_layers, qk_norm="rms_norm",
+    ).eval()
+
+
+def tiny_sd3_pipeline(folder: str | os.PathLike | None = None, num_layers: int = 3, with_image_encoder: bool = True):
+    """A random StableDiffusion3Pipeline: a few joint blocks, two tiny CLIP text towers and a tiny T5 (tokenizers
+    built offline), a 4-channel VAE, flow-matching scheduler and a tiny SigLIP image encoder."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = tiny_tokenizer(Path(tempfile.mkdtemp(prefix="ipadapter-tok-")))
+    t5_tokenizer = tiny_t5_tokenizer(Path(tempfile.mkdtemp(prefix="ipadapter-t5tok-")))
+
+    def clip(seed: int):
+        torch.manual_seed(seed)
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    text, text2 = clip(6), clip(7)
+    torch.manual_seed(8)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=64, d_ff=128, d_kv=16, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0)).eval()
+    torch.manual_seed(9)
+    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    encoder, processor = tiny_siglip_encoder() if with_image_encoder else (None, None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(num_layers), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text, tokenizer=tokenizer, text_encoder_2=text2, tokenizer_2=tokenizer, text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer, image_encoder=encoder, feature_extractor=processor,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return pipe
+
+
 def random_flux_adapter(transformer, flavour: str = "xlabs", embed_dim: int = 48, num_tokens: int | None = None,
                         seed: int = 0, std: float = 0.2):
     """A random XLabs (double blocks, K/V with biases) or InstantX (double + single blocks, MLP projection)
@@ -241,4 +299,34 @@ def random_flux_adapter(transformer, flavour: str = "xlabs", embed_dim: int = 48
         for name, p in adapter.named_parameters():
             scale = std if not name.endswith("norm.weight") else 0.0
             p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith("norm.weight") else 0.0))
+    return adapter
+
+
+def time_plus_config(transformer, embed_dim: int, num_tokens: int = 8, resampler_dim: int = 128, depth: int = 4,
+                     time_embed_dim: int = 32):
+    """The config of an InstantX-layout SD3.5 adapter for ``transformer`` (image attention on every processor; depth
+    4, as diffusers always builds its resampler)."""
+    from .core.config import AdapterConfig
+
+    c = transformer.config
+    width = c.num_attention_heads * c.attention_head_dim
+    return AdapterConfig(kind="time-plus", num_tokens=num_tokens, cross_attention_dim=width, embed_dim=embed_dim,
+                         layer_widths={i: width for i in range(len(transformer.attn_processors))},
+                         resampler_dim=resampler_dim, resampler_depth=depth,
+                         resampler_heads=max(resampler_dim // 64, 1), resampler_dim_head=64, resampler_ff_mult=4,
+                         time_embed_dim=time_embed_dim,
+                         head_dim=c.attention_head_dim, base_family="sd3")
+
+
+def random_time_plus_adapter(transformer, encoder=None, seed: int = 0, **config):
+    """A time-plus adapter shaped for ``transformer`` and a SigLIP ``encoder``, with random weights."""
+    from .core.adapter import Adapter
+
+    encoder = encoder if encoder is not None else tiny_siglip_encoder()[0]
+    adapter = Adapter(time_plus_config(transformer, encoder.config.hidden_size, **config))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            noise = torch.randn_like(p) * 0.2
+            p.copy_(1 + noise if name.endswith(("norm_q.weight", "norm_k.weight", "norm_ip_k.weight")) else noise)
     return adapter

@@ -18,10 +18,11 @@ from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
 from .flux import FLUX
+from .sd3 import SD3
 from .unet import UNET
 
 #: every family, most specific first
-FAMILIES: tuple[BaseFamily, ...] = (UNET, FLUX)
+FAMILIES: tuple[BaseFamily, ...] = (UNET, FLUX, SD3)
 
 
 def family_of(pipe_or_denoiser) -> BaseFamily:
@@ -126,8 +127,16 @@ def attach(denoiser: nn.Module, adapter: Adapter, source: str = "adapter") -> Ad
         proc.add(adapter.ip_adapter[key], adapter.state)
         processors[layer.name] = proc
     family.install(denoiser, processors)
+    _watch(denoiser, attachment)
     attachment.adapters.append(adapter)
+    attachment.runtime.states.append(adapter.state)
     return adapter
+
+
+def _watch(denoiser: nn.Module, attachment: _Attachment) -> None:
+    """One of our processors, for the hook to notice a pipeline swapping them out (Runtime.check_processors)."""
+    name, proc = next(iter(attachment.processors.items()), (None, None))
+    attachment.runtime.watched = (denoiser.get_submodule(name[: -len(".processor")]), proc) if name else None
 
 
 def detach(denoiser: nn.Module, adapter: Adapter | None = None) -> None:
@@ -140,7 +149,9 @@ def detach(denoiser: nn.Module, adapter: Adapter | None = None) -> None:
         for proc in attachment.processors.values():
             proc.remove(a.state)
         attachment.adapters.remove(a)
+        attachment.runtime.states.remove(a.state)
         a.state.set_tokens(None)
+        a.state.call_rows = None
     family = attachment.family
     if attachment.adapters:
         processors = family.processors(denoiser)
@@ -149,6 +160,7 @@ def detach(denoiser: nn.Module, adapter: Adapter | None = None) -> None:
                 processors[name] = attachment.original[name]
                 del attachment.processors[name]
         family.install(denoiser, processors)
+        _watch(denoiser, attachment)
         return
     family.install(denoiser, dict(attachment.original))
     attachment.hook.remove()

@@ -34,8 +34,10 @@ class Layer:
 
     @property
     def block(self) -> str:
-        """The block path per-block scales name, e.g. "down_blocks.2.attentions.1" or "mid_block.attentions.0"."""
-        return ".".join(self.name.split(".")[:3])
+        """The block path per-block scales name, e.g. "down_blocks.2.attentions.1" or "mid_block.attentions.0"
+        (ControlNet-XS's base layers by their plain-UNet names)."""
+        name = self.name.replace("mid_block.base_midblock.", "mid_block.").replace(".base_attentions.", ".attentions.")
+        return ".".join(name.split(".")[:3])
 
     @property
     def module_name(self) -> str:
@@ -49,6 +51,8 @@ class CallFacts:
 
     latent_hw: tuple[int, int] | None = None
     timestep: Any = None
+    batch: int = 0  # samples in this call (before a denoiser folds frames into its batch)
+    image_embeds: Any = None  # what the pipeline handed as image embeddings (our row markers, see core.rows)
     # transformer families: which branch of the image prompt this call is (the rows markers the generator handed
     # the pipeline, see bases/flux.py: 1 conditional, 2 unconditional; None: not said), and the image tokens'
     # position ids (Flux's img_ids: [tokens, 3], for region masks)

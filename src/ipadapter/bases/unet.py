@@ -225,6 +225,25 @@ def is_sdxl(pipe_or_dir) -> bool:
     return hasattr(pipe_or_dir, "text_encoder_2")
 
 
+
+_MODE_WORDS = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}
+_SECTIONS = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # a UNet2DConditionModel's attn_processors order
+
+
+def spatial_name(name: str) -> str | None:
+    """A processor name as the plain spatial UNet (UNet2DConditionModel) names it, or None when the layer is no
+    part of it: AnimateDiff's motion modules (UNetMotionModel) and ControlNet-XS's control branch
+    (UNetControlNetXSModel, whose base layers are "base_attentions" / "mid_block.base_midblock")."""
+    if ".motion_modules." in name or ".ctrl_" in name or name.startswith(("ctrl_", "control_")):
+        return None
+    return name.replace("mid_block.base_midblock.", "mid_block.").replace(".base_attentions.", ".attentions.")
+
+
+def _spatial_order(name: str) -> tuple:
+    parts = name.split(".")
+    return (_SECTIONS.get(parts[0], 3), *((0, int(p)) if p.isdigit() else (1, p) for p in parts[1:]))
+
+
 class UNetFamily(BaseFamily):
     name = "unet"
     title = "SD 1.x, SD 2.x and SDXL UNets"
@@ -240,8 +259,14 @@ class UNetFamily(BaseFamily):
         return family_label(guess_base_family(width, len(cross)))
 
     def layers(self, denoiser: nn.Module) -> list[Layer]:
+        """The spatial UNet's attention layers, indexed as the official checkpoints index them: the position in a
+        UNet2DConditionModel's ``attn_processors`` (down blocks, up blocks, mid block). Layers of other modules
+        sharing the denoiser (AnimateDiff's motion modules in a UNetMotionModel, ControlNet-XS's control branch in
+        a UNetControlNetXSModel) are left out, so those UNets take SD 1.5 / SDXL adapters as they are."""
+        names = [(spatial_name(name), name) for name in denoiser.attn_processors]
+        spatial = sorted(((s, n) for s, n in names if s is not None), key=lambda pair: _spatial_order(pair[0]))
         layers = []
-        for index, name in enumerate(denoiser.attn_processors):
+        for index, (_, name) in enumerate(spatial):
             attn = denoiser.get_submodule(name[: -len(".processor")])
             cross = attn.to_k.in_features if getattr(attn, "is_cross_attention", False) else None
             layers.append(Layer(index, name, attn.to_k.out_features, cross))
@@ -254,7 +279,9 @@ class UNetFamily(BaseFamily):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         hw = (int(sample.shape[-2]), int(sample.shape[-1])) if sample is not None else None
-        return CallFacts(latent_hw=hw, timestep=timestep)
+        added = kwargs.get("added_cond_kwargs") or {}
+        return CallFacts(latent_hw=hw, timestep=timestep, batch=int(sample.shape[0]) if sample is not None else 0,
+                         image_embeds=added.get("image_embeds"))
 
     # ------------------------------------------------------------------------------------ fitting adapters
     def check(self, config: AdapterConfig, denoiser: nn.Module, source: str = "adapter") -> None:
@@ -263,7 +290,8 @@ class UNetFamily(BaseFamily):
         cross = [layer for layer in layers.values() if layer.cross_dim is not None]
         c = config
         here = self.describe(denoiser)
-        if not cross or cross[0].cross_dim != c.cross_attention_dim or len(cross) != c.num_layers:
+        if c.time_conditioned or not cross or cross[0].cross_dim != c.cross_attention_dim or \
+                len(cross) != c.num_layers:
             raise IPAdapterError(f"{source}: {c.describe()}; this UNet: {here}")
         for index, width in c.layer_widths.items():
             layer = layers.get(index)
@@ -317,6 +345,17 @@ class UNetFamily(BaseFamily):
     def pipeline_class(self, pipe, mode: str, controlnet: bool) -> type:
         import diffusers
 
+        own = type(pipe).__name__
+        if not own.startswith("StableDiffusion") and getattr(diffusers, own, None) is type(pipe):
+            # a UNet model with pipelines of its own (Kolors: a ChatGLM text encoder): follow them, not SD's
+            stem = own.removesuffix("Pipeline")
+            for word in ("Img2Img", "Inpaint", "ControlNet"):
+                stem = stem.replace(word, "")
+            name = f"{stem}{'ControlNet' if controlnet else ''}{_MODE_WORDS[mode]}Pipeline"
+            cls = getattr(diffusers, name, None)
+            if cls is None:
+                raise IPAdapterError(f"{own}: diffusers has no {name} for {mode}{' with a ControlNet' * controlnet}")
+            return cls
         family = "StableDiffusionXL" if is_sdxl(pipe) else "StableDiffusion"
         kind = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
         return getattr(diffusers, f"{family}{'ControlNet' if controlnet else ''}{kind}Pipeline")

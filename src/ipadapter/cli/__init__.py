@@ -11,7 +11,7 @@ import contextlib
 import sys
 
 from ..core.errors import IPAdapterError
-from .args import _quiet_libraries, flag_message
+from .args import _quiet_libraries, flag_message, flag_names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         finished = True
         return code
     except IPAdapterError as e:
-        print(f"error: {flag_message(e)}", file=sys.stderr)
+        print(f"error: {flag_names(flag_message(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

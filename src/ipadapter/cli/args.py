@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 import warnings
 
@@ -158,3 +159,9 @@ def _notes():
 
         warnings.showwarning = show
         yield
+
+
+
+def flag_names(message: str) -> str:
+    """``name=value`` in a library message (generation.limits) as the CLI says it: ``--flag value``."""
+    return re.sub(rf"\b({'|'.join(FLAGS)})=", lambda m: f"{FLAGS[m.group(1)]} ", message)

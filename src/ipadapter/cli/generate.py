@@ -53,7 +53,9 @@ Examples:
 def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate images from image (and text) prompts", epilog=GENERATE_GRAMMAR,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
+    g.add_argument("--model", help="diffusers model folder, hub id, or single .safetensors/.ckpt file "
+                                   "(default: the embedded world model)")
+    _add_model_flags(g)
     g.add_argument("--image-encoder", help="CLIP vision folder (default: the model's image_encoder/, then one "
                                            "beside the adapter file)")
     a = g.add_argument_group("per adapter (each --adapter starts a group, see below)")
@@ -100,23 +102,31 @@ def _add_generate_parser(sub) -> None:
     s.add_argument("--control-scale", action=_Grouped, dest="_controlnet_scale", group="controlnet", key="scale",
                    type=_finite, metavar="F", help="conditioning scale of the preceding --controlnet (default 1)")
 
-    g.add_argument("--prompt", default="", help="text prompt (default: none, an image-only prompt)")
+    # defaults of None are filled by cli.reuse (from --reuse-parameters, else its DEFAULTS)
+    g.add_argument("--prompt", default=None, help="text prompt (default: none, an image-only prompt)")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=_positive_int, default=30)
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 30)")
+    g.add_argument("--guidance", type=_finite, default=None,
                    help="guidance scale (default: 7.5, classifier-free guidance on SD; 3.5 on Flux, where it is "
                         "FluxPipeline's distilled guidance_scale)")
     _add_flux_flags(g)
-    g.add_argument("--seed", type=_seeds, default=[0],
-                   help='S: image k gets torch.Generator("cpu").manual_seed(S+k) (remake it alone with --seed S+k); '
-                        "or S1,S2,... one per image")
+    g.add_argument("--seed", type=_seeds, default=None,
+                   help='S (default 0): image k gets torch.Generator("cpu").manual_seed(S+k) (remake it alone with '
+                        "--seed S+k); or S1,S2,... one per image")
     g.add_argument("--width", type=_size, default=None, help="output width (default: the model's)")
     g.add_argument("--height", type=_size, default=None, help="output height (default: the model's)")
-    g.add_argument("--num-images", type=_positive_int, default=1)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--num-images", type=_positive_int, default=None, help="images to make (default 1)")
     g.add_argument("--insightface-root", metavar="DIR",
                    help="FaceID photos: where insightface's models/buffalo_l lives (default ~/.insightface)")
-    g.add_argument("-o", "--output", required=True, help="output PNG file, or a folder")
+    g.add_argument("-o", "--output", required=True,
+                   help="output file (.png, .jpg/.jpeg or .webp, the parameters inside), or a folder (PNGs)")
+    _add_reuse_flags(g)
+
+
+def _add_reuse_flags(g) -> None:
+    g.add_argument("--reuse-parameters", metavar="IMAGE",
+                   help="start from the parameters inside an image this tool (or the page) made; the flags "
+                        "given override them (per-adapter flags: those of the same --adapter group)")
 
 
 COMFY_KEYS: tuple[str, ...] = (
@@ -195,6 +205,44 @@ def _add_flux_flags(g) -> None:
                         "(a black picture unless --negative-image); XLabs v1 adapters need it")
 
 
+def _add_model_flags(g) -> None:
+    """--model-config, --lora, --device, --dtype (shared by generate and ui)."""
+    m = g.add_argument_group("model files, LoRAs, device and precision")
+    m.add_argument("--model-config", metavar="DIR_OR_HUB_ID",
+                   help="for a single-file --model: a diffusers folder or hub id of the same family whose "
+                        "configuration (and tokenizers, scheduler) to use (needed offline)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA file (diffusers/peft or kohya layout), weight default 1.0; repeat for several")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda, then mps, then cpu)")
+    m.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                   help="precision of the model (default: fp16 on cuda and mps, fp32 on cpu)")
+
+
+def _device_and_dtype(args):
+    """(device, dtype) from --device/--dtype, checked before any model loads."""
+    from ..generation.loading import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(args.device)
+    except IPAdapterError as e:
+        raise IPAdapterError(f"--{e}") from None
+    return device, resolve_dtype(getattr(args, "dtype", None), device)
+
+
+def _load_model(args, model, device, dtype, image_encoder: bool = True):
+    """The pipeline (a folder, hub id or single file) with the --lora files applied."""
+    from ..generation.loading import apply_loras, load_model, parse_lora
+
+    loras = [parse_lora(text) for text in getattr(args, "lora", None) or []]
+    for path, _ in loras:  # a missing LoRA fails before the model loads
+        if not Path(path).is_file():
+            raise IPAdapterError(f"--lora {path}: no such file")
+    pipe = load_model(model, getattr(args, "model_config", None), device=device, dtype=dtype,
+                      image_encoder=image_encoder)
+    apply_loras(pipe, loras)
+    return pipe
+
+
 def _add_embed_parser(sub) -> None:
     e = sub.add_parser("embed", help="precompute image embeddings (with their negative) for generate --embeds")
     e.add_argument("--model", help="model folder whose image_encoder/ to use (default: the embedded world model)")
@@ -218,6 +266,14 @@ def add_parsers(sub) -> None:
     c.add_argument("output")
 
 
+#: what ``inspect`` says of each attention mode (the paper's names in parentheses)
+ATTENTION_WORDS = {
+    "decoupled": "decoupled (the paper's decoupled cross-attention: image key/value weights beside the text's)",
+    "concat": "concat (the paper's simple adapter: image tokens appended to the text tokens of the existing "
+              "cross-attention; no image key/value weights)",
+}
+
+
 def cmd_inspect(args) -> int:
     from ..core.checkpoint import parameter_count, read_checkpoint
     from ..core.config import family_label
@@ -228,6 +284,7 @@ def cmd_inspect(args) -> int:
     rows = [
         ("file", args.file),
         ("kind", cfg.kind if not cfg.flavour else f"{cfg.kind} ({cfg.describe()})"),
+        ("attention", ATTENTION_WORDS.get(cfg.attention, cfg.attention)),
         ("tokens", f"{cfg.num_tokens} per image"),
         ("encoder feature", f"{cfg.encoder_feature} (width {cfg.embed_dim})"),
         ("cross-attention width", cfg.cross_attention_dim),
@@ -235,9 +292,12 @@ def cmd_inspect(args) -> int:
         ("base family", family),
         ("parameters", f"{parameter_count(tensors):,}"),
     ]
-    if cfg.kind in ("plus", "faceid-plus"):
+    if cfg.kind in ("plus", "faceid-plus", "time-plus"):
         rows.append(("resampler", f"depth {cfg.resampler_depth}, heads {cfg.resampler_heads}, "
                                   f"dim_head {cfg.resampler_dim_head}, width {cfg.resampler_dim}"))
+    if cfg.time_conditioned:
+        rows.append(("timestep", f"tokens made at every step (sinusoid width {cfg.time_embed_dim}); per block AdaLN, "
+                                 f"QK RMSNorms of width {cfg.head_dim}"))
     if cfg.lora_layers:
         rows.append(("LoRA", f"{len(cfg.lora_layers)} layers, rank {max(cfg.lora_layers.values())}"))
     for key, value in rows:
@@ -258,14 +318,19 @@ def cmd_convert(args) -> int:
 
 
 def _outputs(output: str, count: int, seed: int) -> list[Path]:
+    """The files to write: ``output`` itself (an image name; ``-k`` added for several), or PNGs in a folder."""
+    from ..generation.parameters import image_format
+
     out = Path(output)
-    if out.suffix.lower() == ".png":
-        if count == 1:
-            return [out]
-        return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
-    if out.exists() and not out.is_dir():
-        raise IPAdapterError(f"{out}: exists and is not a folder; give a .png name or a folder")
-    return [out / f"ipadapter-{seed}-{k}.png" for k in range(count)]
+    if out.is_dir() or not out.suffix:
+        if out.exists() and not out.is_dir():
+            raise IPAdapterError(f"{out}: exists and is not a folder; give an image name (.png, .jpg, .webp) "
+                                 "or a folder")
+        return [out / f"ipadapter-{seed}-{k}.png" for k in range(count)]
+    image_format(out)  # a known image suffix, or one line naming those that fit
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(count)]
 
 
 def _adapter_groups(args) -> tuple[str, list[dict]]:
@@ -278,7 +343,8 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         model, default_adapter = embedded_model()
         if groups[0].get("adapter") is None:
             groups[0]["adapter"] = default_adapter
-            if getattr(args, "prompt", "") and (model / "ip-adapter_pairs.safetensors").is_file():
+            text_and_image = getattr(args, "prompt", "") and groups[0].get("images")
+            if text_and_image and (model / "ip-adapter_pairs.safetensors").is_file():
                 print("note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs.safetensors "
                       "lets the text decide what it names (the default, the paper's recipe, keeps the image's)",
                       file=sys.stderr)
@@ -295,8 +361,13 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         if g.get("embeds") and (images or g.get("negative_images")):
             raise IPAdapterError(f"{name}--embeds replaces --image and --negative-image (the file holds both)")
         if not images and not g.get("embeds") and not g.get("face_embeds") and not g.get("face_images"):
-            raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
-                                 "FaceID adapters)")
+            if not getattr(args, "prompt", ""):
+                raise IPAdapterError(f"{name}give at least one --image PATH (or --embeds FILE, or --face-embeds for "
+                                     "FaceID adapters), or --prompt TEXT alone for text only")
+            extra = [f for f, key in (("--negative-image", "negative_images"), ("--image-mask", "masks"),
+                                      ("--image-weight", "weights")) if g.get(key)]
+            if extra:
+                raise IPAdapterError(f"{name}{extra[0]} without --image: it belongs to a prompt image")
         if "weights" in g and images and len(g["weights"]) != n:
             raise IPAdapterError(f"{name}{len(g['weights'])} --image-weight for {n} --image: give one per image")
         combine = g.get("combine", "concat")
@@ -313,47 +384,24 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
 
 
 def cmd_generate(args) -> int:
-    import torch
+    from ..generation.loading import config_folder
+    from ..generation.pipeline import ImagePrompt, load
+    from . import reuse
+    from .progress import StepProgress
 
-    from ..core.encoders import load_image
-    from ..generation.pipeline import ImagePrompt, load, load_pipeline, save_png
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reuse.apply(args)  # --reuse-parameters, then the defaults
+    device, dtype = _device_and_dtype(args)
     model, groups = _adapter_groups(args)
     controls = [dict(c) for c in getattr(args, "controlnet_groups", None) or []]
-    for c in controls:
-        if c.get("dir") is None:
-            raise IPAdapterError("--control-image/--control-scale given without a --controlnet DIR to belong to")
-        if c.get("image") is None:
-            raise IPAdapterError(f"--controlnet {c['dir']}: no --control-image after it; each ControlNet needs one")
-    if args.inpaint_mask and not args.init_image:
-        raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
-    if getattr(args, "true_cfg", None) is not None and args.negative_prompt is None:
-        raise IPAdapterError("--true-cfg needs --negative-prompt (true CFG runs an unconditional pass with it)")
-    if args.strength is not None and not args.init_image:
-        raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
-    seeds = args.seed if len(args.seed) > 1 else args.seed[0]
-    if isinstance(seeds, list) and len(seeds) != args.num_images:
-        raise IPAdapterError(f"--seed: {len(seeds)} seeds for --num-images {args.num_images}; give one, or one each")
-    # fail on a bad image before loading any model (files named in notes are passed on as paths)
-    for g in groups:
-        g["image_names"] = [os.path.basename(str(p)) for p in g.get("images", [])]
-        g["images"] = [load_image(p) for p in g.get("images", [])]
-        g["negative_images"] = [load_image(p) for p in g.get("negative_images", [])]
-        for key in ("composition_images", "face_images"):
-            if key in g:
-                g[key] = [load_image(p) for p in g[key]]
-        g["masks"] = g.get("masks", [])
-    for path in [m for g in groups for m in g["masks"]] + [args.init_image, args.inpaint_mask] + \
-            [c["image"] for c in controls]:
-        if path:
-            load_image(path)
+    seeds = _check_plain_flags(args, controls)
+    _load_inputs(groups, [m for g in groups for m in g.get("masks", [])] + [args.init_image, args.inpaint_mask]
+                 + [c["image"] for c in controls])
     outputs = _outputs(args.output, args.num_images, seeds if isinstance(seeds, int) else seeds[0])
 
     need_encoder = any(not g.get("embeds") for g in groups)
-    pipe = load_pipeline(model, device=device, image_encoder=need_encoder)
+    pipe = _load_model(args, model, device, dtype, image_encoder=need_encoder)
     ip = load(pipe, [g["adapter"] for g in groups], image_encoder=args.image_encoder if need_encoder else False,
-              model_dir=model if Path(str(model)).is_dir() else None, insightface_root=args.insightface_root)
+              model_dir=config_folder(model, args.model_config), insightface_root=args.insightface_root)
     default_scale = 0.5 if args.prompt else 1.0
     prompts = [
         ImagePrompt(images=g["images"], scale=g.get("scale", default_scale), negative_images=g["negative_images"],
@@ -363,59 +411,117 @@ def cmd_generate(args) -> int:
                     **{k: g[k] for k in COMFY_KEYS if k in g})
         for g in groups
     ]
-    with _notes():
-        generated = ip.generate(
-            prompts=prompts, prompt=args.prompt, negative_prompt=args.negative_prompt,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seeds, width=args.width,
-            height=args.height, num_images=args.num_images, strength=args.strength,
-            control_scales=[c.get("scale", 1.0) for c in controls] or None, init_image=args.init_image,
-            mask_image=args.inpaint_mask, controlnets=[c["dir"] for c in controls] or None,
-            control_images=[c["image"] for c in controls] or None,
-            **({"true_cfg_scale": args.true_cfg} if getattr(args, "true_cfg", None) is not None else {}),
-        )
+    progress = StepProgress()
+    try:
+        with _notes():
+            generated = ip.generate(
+                prompts=prompts, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                num_inference_steps=args.steps, guidance_scale=args.guidance, seed=seeds, width=args.width,
+                height=args.height, num_images=args.num_images, strength=args.strength,
+                control_scales=[c.get("scale", 1.0) for c in controls] or None, init_image=args.init_image,
+                mask_image=args.inpaint_mask, controlnets=[c["dir"] for c in controls] or None,
+                control_images=[c["image"] for c in controls] or None, callback_on_step_end=progress,
+                **({"true_cfg_scale": args.true_cfg} if getattr(args, "true_cfg", None) is not None else {}),
+            )
+    finally:
+        progress.close()
+    from ..generation.parameters import format_parameters, save_image
+
     seed_list = seeds if isinstance(seeds, list) else [seeds + k for k in range(args.num_images)]
     for k, (image, path) in enumerate(zip(generated, outputs)):
-        save_png(image, path, _parameters(args, pipe, model, groups, controls, seed_list[k], image))
+        save_image(image, path, format_parameters(_parameters(args, pipe, model, groups, controls, seed_list[k],
+                                                              image)))
         print(path)
     return 0
 
 
-def _parameters(args, pipe, model, groups, controls, seed: int, image) -> str:
-    """The PNG "parameters" text: A1111's layout, then one line per adapter and ControlNet."""
-    guidance = "default" if args.guidance is None else args.guidance
-    if getattr(args, "true_cfg", None) is not None:
-        guidance = f"{guidance}, True CFG scale: {args.true_cfg}"
-    lines = [
-        args.prompt,
-        f"Negative prompt: {args.negative_prompt or ''}",
-        f"Steps: {args.steps}, Sampler: {type(pipe.scheduler).__name__}, CFG scale: {guidance}, Seed: {seed}, "
-        f"Size: {image.width}x{image.height}, Model: {model}",
-    ]
-    base = os.path.basename
-    for g in groups:
-        parts = [f"IP-Adapter: {base(str(g['adapter']))}",
-                 f"scale: {g.get('scale', 0.5 if args.prompt else 1.0)}"]
-        if g.get("embeds"):
-            parts.append(f"embeds: {base(str(g['embeds']))}")
-        names = g["image_names"]
-        if names:
-            weights = g.get("weights") or [1.0] * len(names)
-            parts.append("images: " + ", ".join(f"{n} ({w:g})" for n, w in zip(names, weights)))
-        for key in ("combine", "start", "end", "curve", "blocks") + tuple(k for k in COMFY_KEYS if "images" not in k):
-            if key in g:
-                parts.append(f"{key}: {g[key]}")
-        if g["masks"]:
-            parts.append("masks: " + ", ".join(base(str(m)) for m in g["masks"]))
-        if g["negative_images"]:
-            parts.append(f"negative images: {len(g['negative_images'])}")
-        lines.append(", ".join(parts))
-    if args.init_image:
-        lines.append(f"Init image: {base(args.init_image)}, strength: {args.strength if args.strength else 'default'}"
-                     + (f", inpaint mask: {base(args.inpaint_mask)}" if args.inpaint_mask else ""))
+def _check_plain_flags(args, controls: list[dict]):
+    """The checks that need no model (so a bad flag fails before minutes of loading); returns the seed(s)."""
+    from ..generation import limits
+
     for c in controls:
-        lines.append(f"ControlNet: {base(str(c['dir']).rstrip('/'))}, image: {base(c['image'])}, "
-                     f"scale: {c.get('scale', 1.0)}")
-    return "\n".join(lines)
+        if c.get("dir") is None:
+            raise IPAdapterError("--control-image/--control-scale given without a --controlnet DIR to belong to")
+        if c.get("image") is None:
+            raise IPAdapterError(f"--controlnet {c['dir']}: no --control-image after it; each ControlNet needs one")
+    if args.inpaint_mask and not args.init_image:
+        raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
+    if args.strength is not None and not args.init_image:
+        raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
+    limits.check_counts(args.steps, args.num_images)
+    if args.guidance is not None:  # None: the family's default (7.5 on UNets, 3.5 on Flux)
+        limits.check_guidance(args.guidance)
+    if args.width is not None or args.height is not None:
+        limits.check_size(args.width or 8, args.height or 8)
+    seeds = args.seed if len(args.seed) > 1 else args.seed[0]
+    if isinstance(seeds, list) and len(seeds) != args.num_images:
+        raise IPAdapterError(f"--seed: {len(seeds)} seeds for --num-images {args.num_images}; give one, or one each")
+    return seeds
+
+
+def _load_inputs(groups: list[dict], side_files: list) -> None:
+    """Fail on a bad image before loading any model: prompt images are read here (and passed on as images; their
+    notes, e.g. an animated GIF's first frame, shown now), side images only checked (the library reads them
+    again, and notes them then)."""
+    import warnings
+
+    from ..core.encoders import load_image
+    from ..core.errors import IPAdapterNote
+
+    with _notes():
+        for g in groups:
+            g["image_names"] = [str(p) for p in g.get("images", [])]
+            g["negative_names"] = [str(p) for p in g.get("negative_images", [])]
+            g["images"] = [load_image(p) for p in g.get("images", [])]
+            g["negative_images"] = [load_image(p) for p in g.get("negative_images", [])]
+            for key in ("composition_images", "face_images"):
+                if key in g:
+                    g[f"{key}_names"] = [str(p) for p in g[key]]
+                    g[key] = [load_image(p) for p in g[key]]
+            g["masks"] = g.get("masks", [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IPAdapterNote)
+        for path in side_files:
+            if path:
+                load_image(path)
+
+
+def _parameters(args, pipe, model, groups, controls, seed: int, image):
+    """What the image carries (:mod:`ipadapter.generation.parameters`): files as given, so that
+    ``--reuse-parameters`` finds them again; an adapter inside the model folder by its name."""
+    from ..generation.parameters import AdapterParameters, ControlNetParameters, Parameters
+
+    def adapter_name(path) -> str:
+        path = Path(str(path))
+        return path.name if Path(str(model)).is_dir() and path.parent == Path(str(model)) else str(path)
+
+    adapters = [
+        AdapterParameters(adapter=adapter_name(g["adapter"]), scale=float(g.get("scale", 0.5 if args.prompt else 1.0)),
+                          images=g["image_names"], weights=[float(w) for w in g.get("weights") or []],
+                          masks=[str(m) for m in g["masks"]], negative_images=g["negative_names"],
+                          embeds=str(g.get("embeds") or ""), face_embeds=str(g.get("face_embeds") or ""),
+                          combine=g.get("combine", "concat"), start=float(g.get("start", 0.0)),
+                          end=float(g.get("end", 1.0)), curve=g.get("curve", "constant"), blocks=g.get("blocks") or "",
+                          options={k: str(g[k]) for k in COMFY_KEYS if k in g and "images" not in k},
+                          option_images={k: g[f"{k}_names"] for k in ("composition_images", "face_images")
+                                         if f"{k}_names" in g})
+        for g in groups
+    ]
+    return Parameters(
+        prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=args.steps,
+        sampler=type(pipe.scheduler).__name__, guidance=float(_guidance(args, pipe)), seed=seed,
+        width=image.width, height=image.height, model=str(model), adapters=adapters, init_image=str(args.init_image or ""),
+        strength=args.strength, inpaint_mask=str(args.inpaint_mask or ""),
+        controlnets=[ControlNetParameters(str(c["dir"]), str(c["image"]), float(c.get("scale", 1.0)))
+                     for c in controls],
+    )
+
+
+def _guidance(args, pipe) -> float:
+    """The guidance scale a generation used: --guidance, else the base family's default."""
+    from ..bases import family_of
+
+    return args.guidance if args.guidance is not None else family_of(pipe).default_guidance
 
 
 def cmd_embed(args) -> int:
@@ -453,7 +559,7 @@ def cmd_embed(args) -> int:
                                      args.image_encoder)
     encoder = ImageEncoder.from_pretrained(encoder_dir)
     if args.device:
-        encoder.model.to(args.device)
+        encoder.model.to(_device_and_dtype(args)[0])
     Adapter.check_encoder(SimpleNamespace(config=cfg), encoder.model, source=str(adapter))  # reads only .config
     cond, uncond = encode_prompt(cfg, encoder, images, negatives)
     field = _feature_field(cfg)

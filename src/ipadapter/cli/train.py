@@ -17,7 +17,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                           "launch with `accelerate launch -m ipadapter.cli train ...` for several "
                                           "GPUs.")
     t.add_argument("--config", help="JSON file of TrainConfig settings (see configs/)")
-    t.add_argument("--model", help="diffusers model folder (SD 1.x or SDXL)")
+    t.add_argument("--model", help="diffusers model folder or single .safetensors/.ckpt file (SD 1.x or SDXL; "
+                                   "default: the embedded world model, ipadapter.embedded_model())")
+    t.add_argument("--model-config", metavar="DIR_OR_HUB_ID",
+                   help="for a single-file --model: a diffusers folder or hub id of the same family (its configs)")
     t.add_argument("--data", help=".json/.jsonl list, folder of images + .txt captions, or .tar shards")
     t.add_argument("--data-root", help="folder the JSON list's paths are relative to")
     t.add_argument("--output", help="output folder: ip-adapter.safetensors, checkpoints/, logs/")
@@ -48,11 +51,16 @@ def config_from_args(args) -> TrainConfig:
             values[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             values[key.strip()] = text
-    flags = {"model": args.model, "data": args.data, "data_root": args.data_root, "output": args.output,
+    flags = {"model": args.model, "model_config": args.model_config, "data": args.data, "data_root": args.data_root,
+             "output": args.output,
              "kind": args.kind, "image_encoder": args.image_encoder, "max_steps": args.max_steps,
              "batch_size": args.batch_size, "resolution": args.resolution, "save_every": args.save_every,
              "lr": args.lr, "cache": args.cache}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if not values.get("model"):  # as generate/eval/ui: the embedded world model (ipadapter.embedded_model())
+        from ..generation.pipeline import embedded_model
+
+        values["model"] = str(embedded_model()[0])
     if args.no_cache:
         values["cache"] = None
     if args.resume:
@@ -61,7 +69,25 @@ def config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> int:
-    path = train(config_from_args(args))
+    cfg = config_from_args(args)
+    from ..generation.loading import is_single_file, single_file_folder
+
+    if cfg.model and is_single_file(cfg.model):  # the trainer reads a diffusers folder: write it once, beside OUTPUT
+        if int(os.environ.get("RANK", "0")) == 0:
+            single_file_folder(cfg.model, cfg.model_config, os.path.join(cfg.output, "base-model"))
+        _wait_for_rank0(os.path.join(cfg.output, "base-model", "ipadapter-source.json"))
+        cfg = dataclasses.replace(cfg, model=os.path.join(cfg.output, "base-model"))
+    path = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(path)
     return 0
+
+
+def _wait_for_rank0(marker: str, timeout_s: float = 3600.0) -> None:
+    import time
+
+    start = time.monotonic()
+    while not os.path.isfile(marker):
+        if time.monotonic() - start > timeout_s:
+            raise IPAdapterError(f"{marker}: rank 0 did not write the converted single-file model")
+        time.sleep(1.0)

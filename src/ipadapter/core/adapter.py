@@ -31,6 +31,8 @@ class Adapter(nn.Module):
         self.ip_adapter = nn.ModuleDict(ip_layers(config))
         self.state = AdapterState({int(k): v for k, v in self.ip_adapter.items()}, concat=config.attention == "concat")
         self.state.flavour = config.flavour  # where a transformer family's processor adds this adapter's attention
+        if config.time_conditioned:  # its tokens are made at every step, from the timestep (see bases/sd3.py)
+            self.state.projection = self.image_proj
 
     # ------------------------------------------------------------------------------------------ creation
     @classmethod
@@ -89,6 +91,13 @@ class Adapter(nn.Module):
         """The image encoder must produce the features this kind reads, at the width it expects."""
         c = self.config
         cfg = encoder.config
+        siglip = "siglip" in str(getattr(cfg, "model_type", ""))
+        if c.time_conditioned != siglip:
+            want = "a SigLIP encoder (SiglipVisionModel)" if c.time_conditioned else "a CLIP vision encoder"
+            raise IPAdapterError(
+                f"{source}: {c.kind} adapter reads {want}; this encoder is {getattr(cfg, 'model_type', '?')} "
+                "(wrong encoder for this adapter)"
+            )
         if c.kind == "global":
             got, what = getattr(cfg, "projection_dim", None), "projected embedding width"
         elif c.kind == "mlp":  # InstantX FLUX: the pooled SigLIP embedding

@@ -18,6 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import IPAdapterError
+from .joint import joint_layers
+from .rows import fit_rows, read_rows, unguided_rows
+
+LAYOUT_HINT = "hand the pipeline the adapter's layout: pipe(..., **ip.pipeline_kwargs())"
+
 
 class LoRALinear(nn.Module):
     """Low-rank delta ``up(down(x))`` (FaceID files carry these for the UNet's own attention)."""
@@ -63,6 +69,8 @@ class IPLayer(nn.Module):
 def ip_layers(config) -> dict[str, IPLayer]:
     """The per-layer adapter modules an :class:`~ipadapter.core.config.AdapterConfig` describes, keyed by the
     official checkpoint index (image K/V on cross-attention layers, FaceID LoRA where the file has it)."""
+    if config.time_conditioned:  # InstantX SD3.5: AdaLN and QK norms per joint block
+        return joint_layers(config)
     layers: dict[str, IPLayer] = {}
     for index in sorted(set(config.layer_widths) | set(config.lora_layers)):
         if index in config.layer_widths:
@@ -104,12 +112,23 @@ class AdapterState:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.rows = 0
         self.has_uncond = False
+        # kinds whose tokens depend on the timestep ("time-plus"): the projection, run once per denoiser call by
+        # the family for all layers, and what that call made (its tokens, the per-layer scales at its timestep)
+        self.projection: nn.Module | None = None
+        self.step_tokens: torch.Tensor | None = None
+        self.step_scales: dict[int, float] = {}
         self._expanded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the rows of [uncond; cond] the pipeline laid out for the current denoiser call (see core.rows), or None:
+        # then the batch is taken as [uncond; cond] (the plain layout), and one that does not fit is an error
+        self.call_rows: torch.Tensor | None = None
+        self._gathered: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
         """Set the image tokens ([b, T, C] or [b, n_images, T, C]) and compute every layer's K/V once."""
         self._expanded.clear()
+        self._gathered.clear()
         self.kv.clear()
+        self.step_tokens = None
         if cond is None:
             self.rows, self.has_uncond = 0, False
             return
@@ -170,6 +189,8 @@ class AdapterState:
         images per prompt; without, conditional rows only. ``cfg_hint`` (the pipeline's own flag) decides
         when :attr:`cfg` is not set; failing both, an even multiple of the stacked rows means guidance.
         """
+        if self.call_rows is not None:
+            return self._rows_laid_out(index, batch)
         k, v = self.kv[index]
         cfg = self.cfg if self.cfg is not None else cfg_hint
         if cfg is None:
@@ -184,16 +205,41 @@ class AdapterState:
             self._expanded[(index, batch, cfg)] = (k, v)
         return k, v
 
+    def _rows_laid_out(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K/V gathered by the rows the pipeline laid out (cached while the same rows come back:
+        pipelines hand the same embeddings at every step)."""
+        rows = self.call_rows
+        cached = self._gathered.get((index, batch))
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        fitted = fit_rows(rows, batch)
+        if fitted is None:
+            raise IPAdapterError(
+                f"the pipeline laid out {rows.shape[0]} image-prompt rows for a denoiser batch of {batch}; "
+                "give one image prompt per adapter (ip.set_images) and no ip_adapter_image_embeds of your own"
+            )
+        k, v = self.kv[index]
+        kv = (k.index_select(0, fitted), v.index_select(0, fitted))
+        if not torch.is_grad_enabled():
+            self._gathered[(index, batch)] = (rows, kv)
+        return kv
+
     def _expand(self, t: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
         if cfg and self.has_uncond:
             b = self.rows // 2
             if batch % (2 * b):
-                raise ValueError(f"UNet batch {batch} does not fit {b} image prompt(s) with guidance")
+                raise IPAdapterError(
+                    f"denoiser batch {batch} is not [unconditional; conditional] rows of {b} image prompt(s) "
+                    f"(this pipeline stacks its batch otherwise): {LAYOUT_HINT}"
+                )
             m = batch // (2 * b)
             return torch.cat([t[:b].repeat_interleave(m, 0), t[b:].repeat_interleave(m, 0)])
         cond = t[self.rows // 2:] if self.has_uncond else t
         if batch % cond.shape[0]:
-            raise ValueError(f"UNet batch {batch} does not fit {cond.shape[0]} image prompt(s)")
+            raise IPAdapterError(
+                f"denoiser batch {batch} does not fit {cond.shape[0]} image prompt(s) (this pipeline calls the "
+                f"denoiser on part of its batch): {LAYOUT_HINT}"
+            )
         return cond.repeat_interleave(batch // cond.shape[0], 0)
 
 
@@ -210,6 +256,9 @@ class Runtime:
         self.prompt_branch: int | None = None  # transformer families: the current call's image-prompt branch
         self.token_ids = None  # ... and its image tokens' position ids
         self.patch: int = 16  # pixels per image token side (Flux: VAE factor 8 x 2x2 packing)
+        self.states: list[AdapterState] = []  # attached adapters, in the order of the pipeline's image embeds
+        self._handed: tuple[list, list[torch.Tensor]] | None = None  # (embeds objects, their rows): last call's
+        self.watched: tuple[nn.Module, nn.Module] | None = None  # (an attention layer, our processor on it)
 
     @property
     def progress(self) -> float:
@@ -236,6 +285,40 @@ class Runtime:
             self._timestep = facts.timestep
         self.prompt_branch = getattr(facts, "prompt_branch", None)  # per call: None when this call says nothing
         self.token_ids = getattr(facts, "token_ids", None)
+        self.check_processors()
+        self.follow_rows(getattr(facts, "image_embeds", None), getattr(facts, "batch", 0))
+
+    def check_processors(self) -> None:
+        """A pipeline that swaps in attention processors of its own (LEdits++ does) would drop the image prompt
+        without a word: refuse instead."""
+        if self.watched is None or self.watched[0].processor is self.watched[1]:
+            return
+        if any(state.active for state in self.states):
+            raise IPAdapterError(
+                "this pipeline replaced the denoiser's attention processors during the call, which would drop the "
+                "image prompt (LEdits++ does for its cross-attention masks: pass use_cross_attn_mask=False, "
+                "use_intersect_mask=False)"
+            )
+
+    def follow_rows(self, image_embeds, batch: int) -> None:
+        """Give every adapter the rows the pipeline laid out in ``image_embeds`` (our markers) for a denoiser
+        call on ``batch`` samples, or None when it handed none."""
+        handed = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
+        if self._handed is not None and len(handed) == len(self._handed[0]) and all(
+                a is b for a, b in zip(handed, self._handed[0])):
+            rows = self._handed[1]  # the very tensors of the last call: same rows, the layers' caches hold
+        else:
+            rows = read_rows(image_embeds) if image_embeds is not None else None
+            if rows is not None:
+                rows = [unguided_rows(r, batch) for r in rows]
+            self._handed = (handed, rows) if rows is not None else None
+        if rows is not None and len(rows) != len(self.states):
+            raise IPAdapterError(
+                f"the pipeline handed image-prompt rows for {len(rows)} adapter(s); {len(self.states)} attached "
+                "(give ip.pipeline_kwargs() of this very IPAdapter)"
+            )
+        for i, state in enumerate(self.states):
+            state.call_rows = rows[i] if rows is not None else None
 
 
 KV_SCALINGS: tuple[str, ...] = ("v", "kv", "kv-penalty", "k-mean-v-penalty")

@@ -50,19 +50,32 @@ def load_tensors(path: str | os.PathLike) -> Tensors:
             ) from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # weights_only's own refusal, and garbage it can tell from a pickle
         # weights_only refuses pickled classes by name ("Unsupported global: GLOBAL argparse.Namespace"); any
         # other unpickling failure (bad opcode, garbage bytes) means the file itself is damaged.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found is None:
-            raise IPAdapterError(f"{path}: not a readable checkpoint (corrupt: not a torch file)") from None
+            raise IPAdapterError(_not_a_checkpoint(path, "not a torch file")) from None
         raise IPAdapterError(
             f"{path}: holds non-tensor Python objects ({found.group(1)}), refused for safety (weights_only load); "
             "convert it where you trust it, or use a .safetensors file"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise IPAdapterError(f"{path}: not a readable checkpoint (truncated or corrupt: {_short(e)})") from None
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        # a text or other non-pickle file read by the weights-only unpickler: "pop from empty list" (IndexError)
+        # for most text, KeyError for a few bytes whose first one reads as an opcode
+        raise IPAdapterError(_not_a_checkpoint(path, f"{type(e).__name__}: {_short(e)}")) from None
     return _flatten(obj, path)
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _not_a_checkpoint(path: Path, reason: str) -> str:
+    what = "corrupt" if path.suffix.lower() in CHECKPOINT_SUFFIXES else f"a {path.suffix or 'suffix-less'} file"
+    return (f"{path}: not a checkpoint ({what}: {reason}); an adapter is a .safetensors file, or a torch "
+            ".bin/.pt/.ckpt file of tensors (e.g. ip-adapter_sd15.safetensors)")
 
 
 def resolve_file(path: str | os.PathLike) -> Path:
@@ -212,6 +225,8 @@ def infer_config(
     if not proj:
         raise IPAdapterError(f"{source}: has IP-Adapter attention weights but no image projection ('image_proj.*')")
     saved = _saved_config(metadata)
+    if "time_embedding.linear_1.weight" in proj:
+        return _infer_time_plus(proj, attn, saved, source)
     if saved.get("attention") == "concat" and not attn:
         return AdapterConfig.from_dict(saved)  # "simple adapter": nothing to infer K/V widths from
     flux = flux_checkpoint.infer_flux_config(proj, attn, saved, source)
@@ -281,6 +296,46 @@ def infer_config(
     if cfg.kind == "faceid-plus":  # PlusV2 differs from Plus only by these, which no tensor shows
         cfg.shortcut, cfg.s_scale = bool(saved.get("shortcut", False)), float(saved.get("s_scale", 1.0))
     return cfg
+
+
+_JOINT_KEY = re.compile(r"^(\d+)\.(norm_ip\.linear\.weight|norm_ip\.linear\.bias|to_k_ip\.weight|to_v_ip\.weight|"
+                        r"norm_q\.weight|norm_k\.weight|norm_ip_k\.weight)$")
+
+
+def _infer_time_plus(proj: Tensors, attn: Tensors, saved: Mapping, source: str) -> AdapterConfig:
+    """InstantX SD3.5: the time-conditioned resampler and, per joint block, AdaLN + image K/V + QK RMSNorms."""
+    indices = set()
+    for key in attn:
+        m = _JOINT_KEY.match(key)
+        if not m:
+            raise IPAdapterError(f"{source}: unexpected attention key 'ip_adapter.{key}' for an SD3.5 (time-plus) "
+                                 "adapter")
+        indices.add(int(m.group(1)))
+    if not indices:
+        raise IPAdapterError(f"{source}: has an SD3.5 image projection but no per-block weights ('ip_adapter.<i>.*')")
+    for index in sorted(indices):
+        for name in ("to_k_ip.weight", "norm_q.weight", "norm_ip.linear.weight"):
+            if f"{index}.{name}" not in attn:
+                raise IPAdapterError(f"{source}: joint block {index} has no '{name}' weight (file incomplete?)")
+    first = min(indices)
+    token_dims = {int(attn[f"{i}.to_k_ip.weight"].shape[1]) for i in indices}
+    width = int(proj["proj_out.weight"].shape[0]) if "proj_out.weight" in proj else 0
+    if token_dims != {width}:
+        raise IPAdapterError(f"{source}: image projection makes tokens of width {width}, the blocks' image K/V read "
+                             f"{sorted(token_dims)} (damaged or mixed file)")
+    for name in ("latents", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"):
+        if name not in proj:
+            raise IPAdapterError(f"{source}: SD3.5 image projection has no '{name}' (file incomplete?)")
+    depth, heads, dim_head = _resampler_shape(proj, "", saved)
+    q = proj["latents"]
+    return AdapterConfig(
+        kind="time-plus", num_tokens=int(q.shape[1]), cross_attention_dim=width,
+        embed_dim=int(proj["proj_in.weight"].shape[1]),
+        layer_widths={i: int(attn[f"{i}.to_k_ip.weight"].shape[0]) for i in indices},
+        resampler_dim=int(q.shape[2]), resampler_depth=depth, resampler_heads=heads, resampler_dim_head=dim_head,
+        resampler_ff_mult=_ff_mult(proj, ""), time_embed_dim=int(proj["time_embedding.linear_1.weight"].shape[1]),
+        head_dim=int(attn[f"{first}.norm_q.weight"].shape[0]), base_family="sd3",
+    )
 
 
 def _saved_config(metadata: Mapping[str, str] | None) -> dict:

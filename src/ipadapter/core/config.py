@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp"]
-KINDS: tuple[str, ...] = ("global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp")
+Kind = Literal["global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp", "time-plus"]
+KINDS: tuple[str, ...] = ("global", "plus", "full", "faceid", "faceid-plus", "faceid-portrait", "mlp", "time-plus")
 
 #: Which image-encoder output each kind consumes.
 #: "image_embeds" = projected CLIP embedding, "penultimate" = hidden_states[-2] (all patch tokens + CLS),
@@ -20,6 +20,8 @@ ENCODER_FEATURE: dict[str, str] = {
     "faceid": "face_id",
     "faceid-plus": "face_id+penultimate",
     "faceid-portrait": "face_id",
+    # InstantX SD3.5: a resampler conditioned on the denoising timestep over SigLIP hidden_states[-2]
+    "time-plus": "penultimate",
     # InstantX FLUX.1-dev: the pooled SigLIP embedding (its pooler_output, read as image_embeds) -> MLP -> tokens
     "mlp": "image_embeds",
 }
@@ -50,6 +52,8 @@ class AdapterConfig:
     layer_widths: {processor index: attention width} for every layer holding image K/V (official
         positional indices over all attention processors, so odd numbers for standard UNets).
     lora_layers: {processor index: rank} for FaceID LoRA on the UNet's attention (empty otherwise).
+    time_embed_dim: "time-plus" only: width of the sinusoidal timestep features its time embedding reads (320).
+    head_dim: "time-plus" only: the denoiser's attention head width (the image-attention RMSNorms' width).
     """
 
     kind: str = "global"
@@ -71,7 +75,9 @@ class AdapterConfig:
     # FaceID-Plus, so this cannot be read from a file: set it (saved in our metadata once written).
     shortcut: bool = False
     s_scale: float = 1.0
-    base_family: str = ""  # "sd15", "sdxl", "sd2" ... when known; informational
+    time_embed_dim: int = 0
+    head_dim: int = 0
+    base_family: str = ""  # "sd15", "sdxl", "sd2", "sd3" ... when known; informational
     # "decoupled": the paper's separate image K/V per layer. "concat": the paper's "simple adapter" ablation,
     # image tokens appended to the text tokens of the existing cross-attention (no new K/V; projection only).
     attention: str = "decoupled"
@@ -123,6 +129,11 @@ class AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @property
+    def time_conditioned(self) -> bool:
+        """Whether the image tokens depend on the denoising timestep (computed once per step, not per generation)."""
+        return self.kind == "time-plus"
+
     def describe(self) -> str:
         if self.flavour == "xlabs":
             width = next(iter(self.layer_widths.values()), 0)
@@ -130,6 +141,9 @@ class AdapterConfig:
         if self.flavour == "instantx":
             width = next(iter(self.layer_widths.values()), 0)
             return (f"InstantX FLUX adapter: {self.num_layers} double + single blocks, width {width}, "
+                    f"{self.num_tokens} tokens")
+        if self.time_conditioned:
+            return (f"{self.kind} adapter (SD3.5): {self.num_layers} joint blocks, width {self.cross_attention_dim}, "
                     f"{self.num_tokens} tokens")
         family = family_label(self.base_family)
         return (
@@ -140,7 +154,7 @@ class AdapterConfig:
 
 #: base_family key -> the one name every message, log line and ``inspect`` uses for it
 FAMILY_LABELS: dict[str, str] = {"sd15": "SD 1.5", "sd2": "SD 2.x", "sdxl": "SDXL", "custom": "custom UNet",
-                                 "flux": "FLUX.1"}
+                                 "flux": "FLUX.1", "sd3": "SD3.5"}
 
 
 def family_label(base_family: str) -> str:

@@ -3,7 +3,8 @@
 Global kinds read the projected embedding (``image_embeds``); patch kinds read the penultimate hidden states
 (all patch tokens + CLS). The unconditional branch is built as the reference builds it: a zero embedding for
 global/FaceID kinds, the encoder run on an all-zero ``pixel_values`` tensor (zeros after normalisation, not a
-black picture) for patch kinds.
+black picture) for patch kinds. The SD3.5 (time-plus) kind reads a SigLIP encoder's penultimate hidden states
+(``SiglipVisionModel``, no CLS token) and its unconditional branch is zeros of those features, as diffusers'.
 
 Preparation for the encoder happens here and only here (:class:`Prep`, :func:`tile_reference`,
 :meth:`ImageEncoder.encode`'s enhancer): without a :class:`Prep` an image goes through the encoder's own
@@ -15,6 +16,8 @@ normalised by the processor.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import warnings
@@ -26,9 +29,34 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import AdapterConfig
-from .errors import IPAdapterError
+from .errors import IPAdapterError, note
 
 MAX_PIXELS = 50_000_000
+
+
+class _NoBackendFallbackNotice(logging.Filter):
+    """transformers 5 logs "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+    `CLIPImageProcessorPil`" the first time anything looks the name up, diffusers' pipeline modules included
+    (at import). The PIL backend is what this library means to use without torchvision, so the notice tells
+    a user nothing to act on: it is dropped, and nothing else from that logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoBackendFallbackNotice())
+
+
+def clip_processor_class():
+    """``CLIPImageProcessor``, or its PIL backend where torchvision is missing (what transformers would fall back
+    to, looked up by that name so that no fallback notice is logged)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
 
 
 def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
@@ -51,6 +79,10 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
                     f"{path}: {img.width}x{img.height} is over 50 megapixels; resize it first (prompt images are "
                     "seen at the encoder's resolution, 224 px for CLIP)"
                 )
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1:
+                note(f"{path}: {'an animated' if img.format in ('GIF', 'PNG', 'WEBP') else 'a multi-frame'} "
+                     f"image ({frames} frames); the first frame is used")
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_rgb(img, str(path))
@@ -108,17 +140,20 @@ def load_face_embeddings(path: str | os.PathLike) -> torch.Tensor:
 def sized_for(processor, model) -> bool:
     """Whether ``processor`` makes pictures of the encoder's input size (a safety checker's 224 px extractor
     does not fit a 336 px encoder, nor a tiny test one). ``model``: the encoder, or its input size."""
-    crop = getattr(processor, "crop_size", None)
+    crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None)  # SigLIP: no crop, a size
     height = crop.get("height") if hasattr(crop, "get") else crop
     size = model if isinstance(model, int) else model.config.image_size
     return height is not None and int(height) == int(size)
 
 
-def default_processor(image_size: int):
-    """CLIP's preprocessing (shortest side, centre crop, CLIP mean/std) at the encoder's input size."""
-    from transformers import CLIPImageProcessor
+def default_processor(image_size: int, siglip: bool = False):
+    """CLIP's preprocessing (shortest side, centre crop, CLIP mean/std) at the encoder's input size; with
+    ``siglip``, SigLIP's (resize to a square, mean/std 0.5)."""
+    CLIPImageProcessor = clip_processor_class()  # noqa: N806 - the class transformers would pick
 
     size = int(image_size)
+    if siglip:
+        return siglip_processor_class()(size={"height": size, "width": size})
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -127,7 +162,7 @@ def encoder_processor(path: str | os.PathLike, image_size: int | None = None, fa
     preprocessor config, else the model folder's ``feature_extractor/`` beside it or ``fallback`` (a pipeline's
     or model folder's feature extractor) when sized for this encoder, else CLIP's defaults at its input size.
     ``image_size``: the encoder's input size (default: read from its config.json)."""
-    from transformers import CLIPImageProcessor
+    CLIPImageProcessor = clip_processor_class()  # noqa: N806 - the class transformers would pick
 
     path = Path(path)
     if (path / "preprocessor_config.json").is_file():
@@ -313,41 +348,61 @@ class Features:
                           for t in (self.image_embeds, self.penultimate, self.face_id)))
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_siglip(model) -> bool:
+    return "siglip" in str(getattr(model.config, "model_type", ""))
+
+
+def siglip_processor_class():
+    try:  # transformers 5 without torchvision: the PIL backend, named so to avoid a warning on every load
+        from transformers import SiglipImageProcessorPil as processor
+    except ImportError:  # pragma: no cover - older transformers
+        from transformers import SiglipImageProcessor as processor
+    return processor
+
+
 class ImageEncoder:
-    """A frozen ``CLIPVisionModelWithProjection`` with its preprocessing."""
+    """A frozen ``CLIPVisionModelWithProjection`` (or, for SD3.5 adapters, ``SiglipVisionModel``) with its
+    preprocessing."""
 
     def __init__(self, model, processor=None):
         self.model = model.eval().requires_grad_(False)
-        self.processor = processor if processor is not None else default_processor(model.config.image_size)
+        self.processor = processor if processor is not None else default_processor(model.config.image_size,
+                                                                                      siglip=is_siglip(model))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, processor=None, fallback=None, **kwargs) -> ImageEncoder:
         """Load an encoder folder. Preprocessing: ``processor``, else :func:`encoder_processor`'s rule (the
-        folder's own config, else a sized ``feature_extractor/`` beside it or ``fallback``, else CLIP's defaults)."""
-        from transformers import CLIPVisionModelWithProjection
+        folder's own config, else a sized ``feature_extractor/`` beside it or ``fallback``, else CLIP's defaults);
+        a SigLIP folder (SD3.5 adapters): its own config, else a sized ``fallback``, else SigLIP's defaults."""
+        from transformers import CLIPVisionModelWithProjection, SiglipVisionModel
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise IPAdapterError(
-                f"{path}: not an image-encoder folder (no config.json); give a CLIPVisionModelWithProjection folder"
+                f"{path}: not an image-encoder folder (no config.json); give a CLIPVisionModelWithProjection "
+                "(or, for SD3.5 adapters, SiglipVisionModel) folder"
             )
-        siglip = _is_siglip(path)
+        siglip = "siglip" in str(_read_json(path / "config.json").get("model_type", ""))
+        model_class = SiglipVisionModel if siglip else CLIPVisionModelWithProjection
         try:
-            if siglip:  # InstantX's adapters: SigLIP (its pooled output, or hidden states)
-                from transformers import SiglipVisionModel
-
-                model = SiglipVisionModel.from_pretrained(str(path), **kwargs)
-            else:
-                model = CLIPVisionModelWithProjection.from_pretrained(str(path), **kwargs)
+            model = model_class.from_pretrained(str(path), **kwargs)
         except Exception as e:  # noqa: BLE001
             raise IPAdapterError(f"{path}: cannot load the image encoder ({' '.join(str(e).split())[:140]})") from None
-        if siglip:
-            from transformers import SiglipImageProcessor
-
-            if processor is None and (path / "preprocessor_config.json").is_file():
-                processor = SiglipImageProcessor.from_pretrained(str(path))
+        if processor is None and siglip:
             size = int(model.config.image_size)
-            return cls(model, processor or SiglipImageProcessor(size={"height": size, "width": size}))
+            if (path / "preprocessor_config.json").is_file():
+                processor = siglip_processor_class().from_pretrained(str(path))
+            else:
+                sized = fallback is not None and sized_for(fallback, size)
+                processor = fallback if sized else default_processor(size, siglip=True)
         if processor is None:
             processor = encoder_processor(path, int(model.config.image_size), fallback)
         return cls(model, processor)
@@ -404,5 +459,7 @@ class ImageEncoder:
             feats = torch.cat([feats * r, merged]) if feats.shape[0] == 1 else feats * r + merged * (1 - r)
         if field == "image_embeds":
             return Features(image_embeds=feats), Features(image_embeds=torch.zeros_like(feats))
+        if config.time_conditioned:  # SD3.5: the negative is zeros of the SigLIP features, as diffusers'
+            return Features(penultimate=feats), Features(penultimate=torch.zeros_like(feats))
         zero = self.model(torch.zeros_like(pixel_values[:1]), output_hidden_states=True).hidden_states[-2]
         return Features(penultimate=feats), Features(penultimate=zero.expand_as(feats).clone())

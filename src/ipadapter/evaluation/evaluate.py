@@ -84,6 +84,9 @@ def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = No
 
     bad = BadItems()
     records = read_records(data, data_root, bad)
+    for record in records:  # training takes "" as an image-only item; CLIP-T needs a caption to score against
+        if not record.text:
+            bad.add("empty caption", record.name)
     total = len(records) + bad.count
     if bad.count:
         raise IPAdapterError(f"{param('data')} {data}: {_bad_line(bad, total)}; evaluation uses every pair, so fix "

@@ -40,14 +40,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..bases import attach, check, denoiser_of, detach, family_of, runtime_of
+from ..bases import attach, attached, check, denoiser_of, detach, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.config import FLAVOURS
 from ..core.encoders import Features, ImageEncoder, load_face_embeddings, load_image
 from ..core.errors import IPAdapterError, param
-from ..core.files import atomic_write
-from . import controls
+from ..core.rows import markers
+from . import controls, limits
 
 
 # ------------------------------------------------------------------------------------------ model loading
@@ -118,18 +118,59 @@ def _from_hub(model_id: str, kwargs: dict):
         return DiffusionPipeline.from_pretrained(model_id, local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - not cached: try the hub
         pass
+    offline = (f"{model_id}: not in the local Hugging Face cache and the hub cannot be reached ({{why}}); download "
+               f"it where you have internet (hf download {model_id} --local-dir DIR) or pass a local folder with "
+               "--model DIR")
+    why = hub_unreachable()
+    if why:
+        raise IPAdapterError(offline.format(why=why))
     try:
         return DiffusionPipeline.from_pretrained(model_id, **kwargs)
-    except Exception:  # noqa: BLE001
-        raise IPAdapterError(
-            f"{model_id}: not in the local Hugging Face cache and the hub cannot be reached; download it where "
-            "you have internet (huggingface-cli download) or pass a local folder with --model DIR"
-        ) from None
+    except Exception as e:  # noqa: BLE001
+        raise IPAdapterError(offline.format(why=" ".join(str(e).split())[:120])) from None
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, found in at most ``timeout`` seconds; None when it answers.
+
+    ``HF_HUB_OFFLINE`` says so at once; otherwise one TCP connection to the endpoint's port, so that an offline
+    machine does not wait through the HTTP client's retries and long timeouts.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    outcome: dict = {}
+
+    def probe() -> None:  # in a thread: the name lookup itself is not bounded by the socket's timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, name="ipadapter-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    if "ok" in outcome:
+        return None
+    if "error" in outcome:
+        e = outcome["error"]
+        return f"no connection to {host}:{port}: {e.strerror or type(e).__name__}"
+    return f"no answer from {host}:{port} within {timeout:g} s"
 
 
 def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | os.PathLike | None = None,
                        explicit: str | os.PathLike | None = None) -> Path:
-    """``explicit``, else the model's image_encoder/, else image_encoder/ beside the adapter file."""
+    """``explicit``, else the first folder with a ``config.json`` of: the model's ``image_encoder/``, then beside
+    the adapter file ``image_encoder/`` and ``models/image_encoder/``, then the same one folder up (the official
+    release keeps ``models/image_encoder`` beside ``models/*.safetensors``; ``sdxl_models/*vit-h*`` use it too)."""
     if explicit is not None:
         return Path(explicit)
     candidates = []
@@ -137,12 +178,18 @@ def find_image_encoder(adapter_path: str | os.PathLike | None, model_dir: str | 
         candidates.append(Path(model_dir) / "image_encoder")
     if adapter_path is not None:
         here = Path(adapter_path).parent
-        candidates += [here / "image_encoder", here.parent / "image_encoder"]
+        for folder in (here, here.parent):
+            candidates += [folder / "image_encoder", folder / "models" / "image_encoder"]
+    tried: list[Path] = []
     for c in candidates:
+        if any(os.path.abspath(c) == os.path.abspath(t) for t in tried):
+            continue
+        tried.append(c)
         if (c / "config.json").is_file():
             return c
-    looked = ", ".join(str(c) for c in candidates) or "nowhere"
-    raise IPAdapterError(f"no image encoder found (looked in {looked}); pass {param('image_encoder')} DIR")
+    looked = ", ".join(str(c) for c in tried) or "nowhere (no model folder or adapter file given)"
+    raise IPAdapterError(f"no image encoder found (looked in {looked}; the official IP-Adapter release keeps it in "
+                         f"models/image_encoder beside the adapter files); pass {param('image_encoder')} DIR")
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -187,6 +234,11 @@ class ImagePrompt:
 
 
 PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "scale"}
+
+
+def is_idle(prompt: ImagePrompt) -> bool:
+    """No image, embeddings or face embeddings: the adapter sits this generation out (text-only, the base model)."""
+    return not prompt.images and prompt.embeds is None and prompt.face_embeds is None
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
 
@@ -217,8 +269,8 @@ def encode_prompt(config, encoder: ImageEncoder, images: Sequence,
 
 
 def _feature_field(config) -> str:
-    return {"global": "image_embeds", "mlp": "image_embeds", "plus": "penultimate",
-            "full": "penultimate"}.get(config.kind, "face_id")
+    return {"global": "image_embeds", "mlp": "image_embeds", "plus": "penultimate", "full": "penultimate",
+            "time-plus": "penultimate"}.get(config.kind, "face_id")
 
 
 def _count(features: Features) -> int:
@@ -380,6 +432,7 @@ class IPAdapter:
         self._controlnets: dict[str, object] = {}
         self.face_analysis = None  # insightface FaceAnalysis (or anything with its interface), loaded on first use
         self.insightface_root: str | os.PathLike | None = None  # where its model pack lives (default ~/.insightface)
+        self._step_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (cond, uncond) features
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
@@ -394,6 +447,7 @@ class IPAdapter:
         runtime = runtime_of(self.denoiser)
         if runtime is not None:
             runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+        self._followed = pipe
 
     # -------------------------------------------------------------------------------------------- tokens
     @torch.no_grad()
@@ -521,6 +575,12 @@ class IPAdapter:
         image_weights = None
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
+        state = target.state
+        if target.config.time_conditioned:  # SD3.5: tokens are made at every step from what the pipeline hands
+            _check_step_controls(masks, image_weights)
+            state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
+            self._step_features[adapter] = (cond.penultimate, uncond.penultimate)
+            return
         if sets is None:
             tokens = self.family.project(target, cond, uncond)
         else:  # [sets x images, T, C] -> [sets, images, T, C]; cond and uncond each projected as one batch
@@ -534,7 +594,6 @@ class IPAdapter:
                 c_cond = _combine_features(c_cond, None, "average" if mode == "concat" else mode)
             # ComfyUI: the composition image's tokens in the conditional rows, the prompt's own unconditional ones
             composition = (target.project_pair(c_cond, _combine_uncond(c_uncond))[0], tokens[1][:1])
-        state = target.state
         state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
         if plan is not None:
             state.scale, state.layer_scales = _plan_scales(plan, scale, layer_scales)
@@ -549,6 +608,19 @@ class IPAdapter:
             state.set_layer_tokens(plan.composition, composition[0][None], composition[1][None])
         if plan is not None and plan.swap:
             state.swap_branches(plan.swap)
+
+    def pipeline_inputs(self, guidance_scale: float) -> dict:
+        """What the next pipeline call needs besides the prompt for adapters whose tokens depend on the timestep
+        (SD3.5): the image features as ``ip_adapter_image_embeds``, [negative; positive] when the pipeline guides
+        (SD3 pipelines guide when ``guidance_scale > 1``), [rows, n_images, S, H] for several images. The pipeline
+        repeats them for its batch and the transformer hands them to the adapter at every step. Empty otherwise:
+        ``ip.set_images([...]); pipe(prompt=..., **ip.pipeline_inputs(7.0))``."""
+        inputs: dict = {}
+        for cond, uncond in self._step_features.values():
+            rows = [uncond, cond] if guidance_scale > 1 else [cond]
+            embeds = torch.stack(rows)  # [rows, n, S, H]
+            inputs["ip_adapter_image_embeds"] = embeds[:, 0] if embeds.shape[1] == 1 else embeds
+        return inputs
 
     @staticmethod
     def _masks(masks, n: int, mode: str, size: tuple[int, int] | None) -> torch.Tensor | None:
@@ -570,8 +642,36 @@ class IPAdapter:
         """Tokens of n images ([n, T, C]) -> one prompt of n images, stacked as [uncond; cond]."""
         adapter.state.set_tokens(cond[None], uncond[None])
 
+    def pipeline_kwargs(self) -> dict:
+        """What to hand a pipeline you call yourself so the adapters follow its own batch layout:
+        ``pipe(prompt=..., **ip.pipeline_kwargs())`` after :meth:`set_images`.
+
+        The pipeline lays out tiny row markers (``ip_adapter_image_embeds``, one per adapter, see
+        :mod:`ipadapter.core.rows`) for its batch as it would lay out image embeddings: PAG's perturbed branch,
+        InstructPix2Pix's image-only branch, SAG's degraded pass, a video's frames. Without them the batch is taken
+        as [unconditional; conditional] rows, and a batch that does not fit that is an error.
+        """
+        param = next(self.denoiser.parameters())
+        handed = markers(len(attached(self.denoiser)), device=param.device, dtype=param.dtype)
+        return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
+
+    @staticmethod
+    def _in_pipeline_order(pipe, handed: list) -> list:
+        """The markers in the order the pipeline's own ``prepare_ip_adapter_image_embeds`` reads them under
+        guidance: [negative; positive] for most; InstructPix2Pix reads [positive; negative; negative] (it splits
+        in three), which its method tells by refusing two."""
+        prepare = getattr(pipe, "prepare_ip_adapter_image_embeds", None)
+        if prepare is None:
+            return handed
+        try:
+            prepare(None, [handed[0][:2]], handed[0].device, 1, True)
+        except ValueError:
+            return [torch.cat([m[1:2], m[0:1], m[0:1]]) for m in handed]
+        return handed
+
     def clear(self) -> None:
         """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
+        self._step_features.clear()
         for adapter in self.adapters:
             _reset(adapter.state)
 
@@ -618,10 +718,22 @@ class IPAdapter:
             self._controlnets[key] = load_controlnet(source, self.pipe.unet)
         return self._controlnets[key]
 
-    def output_size(self, width: int | None = None, height: int | None = None) -> tuple[int, int]:
-        """(width, height): as given, else the model's default (UNet sample size x VAE factor)."""
+    def output_size(self, width: int | None = None, height: int | None = None,
+                    init_image=None) -> tuple[int, int]:
+        """(width, height): as given, else the init image's (rounded down to the VAE's multiple, as diffusers'
+        img2img does), else the model's default."""
+        factor = int(getattr(self.pipe, "vae_scale_factor", 8))
+        if init_image is not None and (width is None or height is None):
+            w, h = load_image(init_image).size
+            if min(w, h) < factor:
+                raise IPAdapterError(f"--init-image {_name(init_image)}: {w}x{h} is smaller than the VAE's {factor} "
+                                     "pixels; give a larger image or --width/--height")
+            return int(width or w - w % factor), int(height or h - h % factor)
         default = self.family.default_size(self.pipe)
         return int(width or default), int(height or default)
+
+    def _max_steps(self) -> int:
+        return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", limits.MAX_STEPS))
 
     # -------------------------------------------------------------------------------------------- generate
     def generate(self, images: Sequence | None = None, prompt: str | Sequence[str] = "",
@@ -660,7 +772,9 @@ class IPAdapter:
             sets = image_sets(p.images)
             if sets is not None and len(sets) != texts:
                 raise IPAdapterError(f"images: {len(sets)} image lists for {texts} text prompt(s); give one per prompt")
-        size = self.output_size(width, height)
+        size = self.output_size(width, height, init_image)
+        guidance_scale = limits.check_request(guidance_scale, num_inference_steps, num_images, size,
+                                              self.output_size(), self._max_steps())
         call, mode = self._side_inputs(size, init_image, strength, mask_image, controlnets, control_images,
                                        control_scales)
         batch = (1 if isinstance(prompt, str) else len(prompt)) * int(num_images)
@@ -686,13 +800,24 @@ class IPAdapter:
                         f"leaves no denoising step (it runs int(steps x strength)); raise "
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
-            call.update({k: v for k, v in self.family.call_kwargs(pipe).items() if k in accepted})
+            family_kwargs = {k: v for k, v in self.family.call_kwargs(pipe).items() if k in accepted}
+            call.update(family_kwargs)  # a family's own hand-over (Flux: its branch markers)
             for i, p in enumerate(prompts):
+                if is_idle(p):  # text-only for this adapter: it stays idle, the base model runs
+                    check_scale(p.scale)
+                    _reset(self.adapters[i].state)
+                    continue
                 self.set_images(adapter=i, prompt=p, size=size)
                 refs = self.adapters[i].state.rows // 2
                 if p.unfold_batch and refs != batch:
                     raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
                                          "(prompts x --num-images); give one reference per image")
+            step_inputs = self.pipeline_inputs(guidance_scale)  # timestep-dependent tokens (SD3.5): the features
+            one_prompt = all(a.state.rows in (0, 2) for a in self.adapters)  # --unfold-batch: rows per image
+            if step_inputs:
+                call.update(step_inputs)
+            elif not family_kwargs and "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline's rows
+                call.update(self.pipeline_kwargs())
             return pipe(**call).images
         finally:
             self.clear()
@@ -745,6 +870,15 @@ class IPAdapter:
         return call, mode
 
 
+def _check_step_controls(masks, image_weights) -> None:
+    if masks is not None:
+        raise IPAdapterError("--image-mask: region masks are not available for SD3.5 adapters (its image attention "
+                             "spans the whole picture); leave them out")
+    if image_weights is not None:
+        raise IPAdapterError("--image-weight with --combine concat is not available for SD3.5 adapters; use "
+                             "--combine average (weighted) instead")
+
+
 def _name(source) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "image"
 
@@ -753,7 +887,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
     """A ``ControlNetModel`` from a folder (or as given), on the UNet's device, checked to fit the UNet."""
     from diffusers import ControlNetModel
 
-    param = next(unet.parameters())
+    weight = next(unet.parameters())
     if isinstance(source, torch.nn.Module):
         model, where = source, "controlnet"
     else:
@@ -762,7 +896,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
         if not (path / "config.json").is_file():
             raise IPAdapterError(f"{where}: not a ControlNet folder (no config.json)")
         try:
-            model = ControlNetModel.from_pretrained(str(path), **{_dtype_keyword(): dtype or param.dtype})
+            model = ControlNetModel.from_pretrained(str(path), **{_dtype_keyword(): dtype or weight.dtype})
         except Exception as e:  # noqa: BLE001 - a broken folder is bad input
             raise IPAdapterError(f"{where}: cannot load the ControlNet ({' '.join(str(e).split())[:140]})") from None
     mine, theirs = getattr(model.config, "cross_attention_dim", None), unet.config.cross_attention_dim
@@ -772,7 +906,7 @@ def load_controlnet(source, unet, dtype: torch.dtype | None = None):
             f"{where}: made for a UNet of cross-attention width {mine} ({'SDXL' if kind_mine else 'SD 1.x/2.x'}); "
             f"this model's is {theirs} ({'SDXL' if unet.config.addition_embed_type else 'SD 1.x/2.x'})"
         )
-    return model.to(param.device, param.dtype)
+    return model.to(weight.device, weight.dtype)
 
 def _broadcast_features(neg: Features, like: Features) -> Features:
     def fit(t, ref):
@@ -793,6 +927,9 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
          insightface_root: str | os.PathLike | None = None) -> IPAdapter:
     """Attach adapter file(s) to ``pipe``; the image encoder defaults to the pipeline's or the one beside the file.
 
+    A bare file name that is not a file here is looked up in the pipeline's model folder (``model_dir``, default
+    the folder ``pipe`` was loaded from): ``load(pipe, "ip-adapter_plus.safetensors")``.
+
     ``image_encoder``: an :class:`ImageEncoder`, a folder, or None (then ``pipe.image_encoder`` if the pipeline
     has one, else ``model_dir/image_encoder``, else ``image_encoder/`` beside the first adapter file), or False
     for none at all (every prompt then comes as precomputed embeddings). ``face_analysis``: an insightface
@@ -800,7 +937,9 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
     loaded from ``insightface_root`` (default ``~/.insightface``) on first use.
     """
     denoiser = denoiser_of(pipe)
+    model_dir = model_dir if model_dir is not None else model_folder(pipe)
     items = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters]
+    items = [adapter_in_model(a, model_dir or pipe) for a in items]
     loaded = [a if isinstance(a, Adapter) else Adapter.from_file(a) for a in items]
     for item, adapter in zip(items, loaded):
         check(adapter.config, denoiser, source=str(item) if not isinstance(item, Adapter) else "adapter")
@@ -818,7 +957,8 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         first = next((i for i in items if not isinstance(i, Adapter)), None)
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
-        encoder.model.to(next(denoiser.parameters()).device)
+        param = next(denoiser.parameters())
+        encoder.model.to(param.device, param.dtype)  # the encoder follows the pipeline
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     ip = IPAdapter(pipe, loaded, encoder)
@@ -827,12 +967,11 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Path:
-    """Write a PNG with the generation parameters as a "parameters" text chunk, atomically."""
-    from PIL import PngImagePlugin
+    """Write an image with its parameters text, atomically (:func:`ipadapter.generation.parameters.save_image`:
+    the format follows the suffix, PNG keeps the text in a "parameters" chunk)."""
+    from .parameters import save_image
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return save_image(image, path, parameters)
 
 
 EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"
@@ -848,10 +987,26 @@ def embedded_model() -> tuple[Path, Path]:
     return EMBEDDED_MODEL, adapter
 
 
+def model_folder(pipe_or_model) -> Path | None:
+    """The local folder a pipeline was loaded from (``name_or_path`` / ``config._name_or_path``), or a folder
+    given as such; None for a hub id or a pipeline built in memory."""
+    if isinstance(pipe_or_model, (str, os.PathLike)):
+        source = pipe_or_model
+    else:
+        config = getattr(pipe_or_model, "config", None)
+        source = getattr(pipe_or_model, "name_or_path", None) or (config or {}).get("_name_or_path")
+    return Path(str(source)) if source and Path(str(source)).is_dir() else None
+
+
 def adapter_in_model(adapter, model):
-    """``adapter`` as given, or ``MODEL/adapter`` when only that exists (adapter files shipped beside a model,
-    as diffusers' ``weight_name``: ``--adapter ip-adapter_plus.safetensors`` on the embedded world model)."""
-    if adapter is None or Path(str(adapter)).exists() or model is None:
+    """The one rule for adapter names, used by ``load``, the CLI, eval and the page: ``adapter`` as given, or
+    ``MODEL/adapter`` when only that exists (adapter files shipped beside a model, as diffusers' ``weight_name``:
+    ``--adapter ip-adapter_plus.safetensors`` on the embedded world model). ``model``: a folder, a hub id or a
+    pipeline (its folder: :func:`model_folder`)."""
+    if adapter is None or isinstance(adapter, Adapter) or Path(str(adapter)).exists() or model is None:
         return adapter
-    inside = Path(str(model)) / str(adapter)
+    folder = model_folder(model)
+    if folder is None:
+        return adapter
+    inside = folder / str(adapter)
     return inside if inside.is_file() else adapter

@@ -6,7 +6,14 @@ batch ``k``, a pure function of the seed and ``k``, so a resumed run sees exactl
 same shape and counted) -> the trainer's encoders (``train.py``).
 
 Sources: the official JSON list (``[{"image_file": ..., "text": ...}]`` with a data root), JSONL, a folder of
-images with same-name ``.txt`` captions, and webdataset ``.tar`` shards (``key.jpg`` + ``key.txt``/``key.json``).
+images with same-name ``.txt`` captions, webdataset shards (``key.jpg`` + ``key.txt``/``key.json``; read with the
+``webdataset`` package: ``.tar``/``.tar.gz``, globs, brace lists ``shards-{000..009}.tar``, ``pipe:`` commands),
+and Hugging Face ``datasets`` (an imagefolder with ``metadata.jsonl``, a ``save_to_disk`` folder, ``.parquet``
+files; ``streaming`` too), with configurable image/caption columns (:class:`Source`).
+Every source becomes a list of :class:`Record` with random access, because the batch order is a pure function
+of the item index (exact resume, and 1 process x batch 2b = 2 processes x batch b). Compressed and remote shards
+and streamed datasets are therefore written once, uncompressed, into a local shard cache (``Source.cache_dir``)
+and read from there by offset; local ``.tar`` shards and memory-mapped Arrow datasets are read in place.
 FaceID data gives a 512-d face-ID embedding per item (``"face_id"``: a ``.npy``/``.safetensors``/``.pt`` path or
 a list of numbers; ``key.npy`` beside the image in folders and shards).
 JSON/JSONL items may also name a separate prompt image (``"prompt_image_file"``): the image encoder then sees
@@ -133,39 +140,69 @@ class BadItems:
 
 
 # ------------------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class Source:
+    """How to read a data set beyond its path (TrainConfig's ``image_column``, ``caption_column``, ...)."""
+
+    image_column: str | None = None  # datasets: default the first of image, img, jpg, png, image_file, file_name
+    caption_column: str | None = None  # default the first of text, caption, prompt, txt
+    streaming: bool = False  # datasets: iterate (load_dataset(streaming=True)) instead of memory-mapping
+    cache_dir: str | None = None  # where compressed/remote shards and streamed items are kept uncompressed
+
+    @classmethod
+    def of(cls, cfg) -> Source:
+        """From a TrainConfig (or anything with these fields); the cache defaults to OUTPUT/data-cache."""
+        cache = getattr(cfg, "data_cache", None) or (os.path.join(cfg.output, "data-cache") if getattr(
+            cfg, "output", "") else None)
+        return cls(getattr(cfg, "image_column", None), getattr(cfg, "caption_column", None),
+                   bool(getattr(cfg, "streaming", False)), cache)
+
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet",)
+
+
 def read_records(data: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                 bad: BadItems | None = None) -> list[Record]:
+                 bad: BadItems | None = None, source: Source | None = None) -> list[Record]:
     """The items ``data`` lists; entries without a caption or a file are counted in ``bad`` and left out.
 
     ``data``: a ``.json`` list or ``.jsonl`` file (paths relative to ``data_root``, default the file's folder),
-    a folder of images with same-name ``.txt`` captions, a folder of ``.tar`` shards, a ``.tar`` file, or a
-    glob pattern of shards (``"shards/train-*.tar"``).
+    a folder of images with same-name ``.txt`` captions, webdataset shards (a folder of them, one file, a glob
+    ``"shards/train-*.tar"``, a brace list ``"shards/train-{000..009}.tar.gz"``, ``"pipe:aws s3 cp s3://... -"``),
+    a Hugging Face dataset (a folder with ``metadata.jsonl``/``metadata.csv``: an imagefolder; a
+    ``save_to_disk`` folder; ``.parquet`` files or a folder of them).
     """
     bad = bad if bad is not None else BadItems()
+    source = source or Source()
     text = str(data)
-    if any(ch in text for ch in "*?["):
-        shards = sorted(glob.glob(text))
-        if not shards:
-            raise IPAdapterError(f"--data {text}: the pattern matches no files")
-        records = _tar_records(shards, bad)
+    if text.startswith("pipe:") or "{" in text or any(ch in text for ch in "*?["):
+        records = _pattern_records(text, bad, source)
     else:
         path = Path(data)
         if not path.exists():
             raise IPAdapterError(f"--data {path}: no such file or folder; give a .json/.jsonl list, a folder of "
                                  "images with .txt captions, or .tar shards")
+        name = path.name.lower()
         if path.is_dir():
-            shards = sorted(str(p) for p in path.glob("*.tar"))
-            records = _tar_records(shards, bad) if shards else _folder_records(path, bad)
-        elif path.suffix == ".tar":
-            records = _tar_records([str(path)], bad)
+            shards = sorted(str(p) for p in path.iterdir() if p.name.lower().endswith(SHARD_SUFFIXES))
+            if shards:
+                records = _shard_records(shards, bad, source)
+            elif _is_hf_folder(path):
+                records = _hf_records(str(path), bad, source)
+            else:
+                records = _folder_records(path, bad)
+        elif name.endswith(SHARD_SUFFIXES):
+            records = _shard_records([str(path)], bad, source)
+        elif name.endswith(PARQUET_SUFFIXES):
+            records = _hf_records(str(path), bad, source)
         elif path.suffix in (".json", ".jsonl"):
             root = Path(data_root) if data_root is not None else path.parent
             if not root.is_dir():
                 raise IPAdapterError(f"--data-root {root}: no such folder")
             records = _list_records(path, root, bad)
         else:
-            raise IPAdapterError(f"--data {path}: unknown data file type {path.suffix!r}; use .json, .jsonl, .tar or "
-                                 "a folder")
+            raise IPAdapterError(f"--data {path}: unknown data file type {path.suffix!r}; use .json, .jsonl, "
+                                 ".tar/.tar.gz shards, .parquet or a folder")
     if not records:
         raise IPAdapterError(f"--data {data}: no usable items found ({bad.summary(bad.count).splitlines()[0]})")
     return records
@@ -181,8 +218,8 @@ def _entry_record(entry: object, root: Path, where: str, bad: BadItems) -> Recor
         bad.add("malformed entry", where, detail="no image_file")
         return None
     image = Blob(str(root / file))
-    if not isinstance(caption, str) or not caption.strip():
-        bad.add("empty caption", image.path)
+    if not isinstance(caption, str):  # "" is a caption: an image-only item (training drops text 5% anyway)
+        bad.add("no caption", image.path)
         return None
     if not image.exists():
         bad.add("missing file", image.path)
@@ -237,53 +274,293 @@ def _folder_records(folder: Path, bad: BadItems) -> list[Record]:
     records = []
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         caption = image.with_suffix(".txt")
-        text = caption.read_text(encoding="utf-8", errors="replace").strip() if caption.is_file() else ""
-        if not text:
-            bad.add("empty caption", str(image))
+        if not caption.is_file():  # an empty .txt is a caption (an image-only item); no .txt is an oversight
+            bad.add("no caption", str(image))
             continue
+        text = caption.read_text(encoding="utf-8", errors="replace").strip()
         face = next((Blob(str(image.with_suffix(e))) for e in FACE_EXTS if image.with_suffix(e).is_file()), None)
         records.append(Record(Blob(str(image)), text, face))
     return records
 
 
-def _tar_records(shards: list[str], bad: BadItems) -> list[Record]:
-    """Index webdataset shards by reading their member headers; members are then read by offset."""
+def _tar_records(shards: list[str], bad: BadItems, label: str | None = None) -> list[Record]:
+    """Index uncompressed shards by their member headers (grouped by webdataset's key rule); members are then read
+    by offset. ``label``: the name messages use (the original URL of a cached shard)."""
+    from webdataset.tariterators import base_plus_ext
+
     records = []
     for shard in shards:
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
-            with tarfile.open(shard, "r:") as tf:  # uncompressed shards only: members are read by offset
+            with tarfile.open(shard, "r:") as tf:  # uncompressed: members are read by offset
                 for m in tf:
-                    if not m.isfile():
+                    if not m.isfile() or os.path.basename(m.name).startswith("."):
                         continue
-                    base = os.path.basename(m.name)
-                    if "." not in base or base.startswith("."):
-                        continue
-                    stem, ext = base.split(".", 1)
-                    groups.setdefault(os.path.join(os.path.dirname(m.name), stem), {})[ext.lower()] = m
+                    stem, ext = base_plus_ext(m.name)
+                    if stem is not None:
+                        groups.setdefault(stem, {})[ext.lower()] = m
         except (tarfile.TarError, OSError) as e:
-            raise IPAdapterError(f"--data {shard}: not a readable uncompressed .tar shard ({e})") from None
+            raise IPAdapterError(f"--data {label or shard}: not a readable .tar shard ({e})") from None
         for key, members in groups.items():
-            name = f"{shard}:{key}"
-            image = next((members[e] for e in ("jpg", "jpeg", "png", "webp", "bmp") if e in members), None)
+            name = f"{label or shard}:{key}"
+            if "bad" in members:
+                reason, _, detail = Blob(shard, members["bad"].offset_data, members["bad"].size).read().decode(
+                    "utf-8", "replace").partition("\t")
+                bad.add(reason, name, detail=detail)
+                continue
+            image = next((members[e] for e in ("jpg", "jpeg", "png", "webp", "bmp", "img") if e in members), None)
             if image is None:
                 bad.add("missing file", name, detail="no image member")
                 continue
-            text = ""
+            text = None
             if "txt" in members:
                 text = Blob(shard, members["txt"].offset_data, members["txt"].size).read().decode("utf-8", "replace")
             elif "json" in members:
                 try:
                     meta = json.loads(Blob(shard, members["json"].offset_data, members["json"].size).read())
-                    text = str(meta.get("text", meta.get("caption", ""))) if isinstance(meta, dict) else ""
+                    found = meta.get("text", meta.get("caption")) if isinstance(meta, dict) else None
+                    text = str(found) if found is not None else None
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    text = ""
-            if not text.strip():
-                bad.add("empty caption", name)
+                    text = None
+            if text is None:  # "" is a caption (an image-only item); none at all is not
+                bad.add("no caption", name)
                 continue
             face = Blob(shard, members["npy"].offset_data, members["npy"].size) if "npy" in members else None
             records.append(Record(Blob(shard, image.offset_data, image.size), text.strip(), face, key=name))
     return records
+
+
+def _pattern_records(text: str, bad: BadItems, source: Source) -> list[Record]:
+    """Shards (or parquet files) named by a brace list, a glob or ``pipe:`` commands (webdataset's URL rules)."""
+    from webdataset.shardlists import expand_urls
+
+    urls: list[str] = []
+    for url in expand_urls(text):
+        if not url.startswith("pipe:") and any(ch in url for ch in "*?["):
+            matched = sorted(glob.glob(url))
+            if not matched:
+                raise IPAdapterError(f"--data {url}: the pattern matches no files")
+            urls += matched
+        else:
+            urls.append(url)
+    if all(u.lower().endswith(PARQUET_SUFFIXES) for u in urls):
+        return _hf_records(urls, bad, source)
+    return _shard_records(urls, bad, source)
+
+
+def _shard_records(urls: list[str], bad: BadItems, source: Source) -> list[Record]:
+    """Local uncompressed shards are indexed in place; compressed or piped ones are read with ``webdataset`` once
+    into the shard cache (uncompressed), then indexed like local ones."""
+    records = []
+    for url in urls:
+        local = not url.startswith("pipe:") and os.path.isfile(url)
+        if not url.startswith("pipe:") and not local:
+            raise IPAdapterError(f"--data {url}: no such shard")
+        if local and url.lower().endswith(".tar"):
+            records += _tar_records([url], bad)
+        else:
+            records += _tar_records([_cached_shard(url, source)], bad, label=url)
+    return records
+
+
+def _cache_folder(source: Source) -> Path:
+    import tempfile
+
+    folder = Path(source.cache_dir) if source.cache_dir else Path(tempfile.gettempdir()) / "ipadapter-data-cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _cache_name(url: str, prefix: str) -> str:
+    import hashlib
+
+    stamp = url
+    if os.path.isfile(url):  # a changed local file gets a new cache entry
+        st = os.stat(url)
+        stamp = f"{os.path.abspath(url)}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{prefix}-{hashlib.sha1(stamp.encode()).hexdigest()[:20]}.tar"
+
+
+def _cached_shard(url: str, source: Source) -> str:
+    """``url`` (a .tar.gz, a pipe: command ...) as an uncompressed local tar, written once."""
+    import webdataset as wds
+
+    path = _cache_folder(source) / _cache_name(url, "shard")
+    if path.is_file():
+        return str(path)
+    try:
+        samples = wds.WebDataset(url, shardshuffle=False, empty_check=False)
+        with _TarWriter(path) as out:
+            for sample in samples:
+                key = sample["__key__"]
+                for ext, value in sample.items():
+                    if not ext.startswith("__") and isinstance(value, bytes):
+                        out.add(f"{key}.{ext}", value)
+    except IPAdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken archive or a failing command is bad input
+        raise IPAdapterError(f"--data {url}: cannot read it as webdataset shard ({' '.join(str(e).split())[:120]})") \
+            from None
+    return str(path)
+
+
+class _TarWriter:
+    """An uncompressed tar written to ``path.tmp-PID`` and renamed into place only when complete."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+    def __enter__(self) -> _TarWriter:
+        self.tar = tarfile.open(self.tmp, "w")
+        return self
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.tar.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------ Hugging Face datasets
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_file", "file_name")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "txt")
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv", "metadata.parquet",
+                                                    "dataset_info.json", "state.json", "dataset_dict.json")) or \
+        any(p.suffix == ".parquet" for p in path.iterdir())
+
+
+def _hf_dataset(data: str | list[str], streaming: bool):
+    """A ``datasets`` Dataset / IterableDataset (the train split) from a folder or parquet file(s)."""
+    import datasets
+
+    path = Path(data) if isinstance(data, str) else None
+    try:
+        if path is not None and path.is_dir() and any((path / n).is_file() for n in
+                                                      ("dataset_info.json", "state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            return ds.to_iterable_dataset() if streaming else ds
+        if path is not None and path.is_dir() and not any((path / n).is_file() for n in
+                                                          ("metadata.jsonl", "metadata.csv", "metadata.parquet")):
+            data = sorted(str(p) for p in path.glob("*.parquet"))
+        if isinstance(data, list) or str(data).endswith(PARQUET_SUFFIXES):
+            return datasets.load_dataset("parquet", data_files=data, split="train", streaming=streaming)
+        return datasets.load_dataset("imagefolder", data_dir=str(data), split="train", streaming=streaming)
+    except IPAdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken folder or file is bad input
+        raise IPAdapterError(f"--data {data}: cannot read it as a Hugging Face dataset "
+                             f"({' '.join(str(e).split())[:140]})") from None
+
+
+def _columns(names: list[str], source: Source, where: str) -> tuple[str, str]:
+    def pick(given, defaults, what, flag):
+        if given is not None:
+            if given not in names:
+                raise IPAdapterError(f"--data {where}: no column {given!r} ({flag}); it has {', '.join(names)}")
+            return given
+        found = next((c for c in defaults if c in names), None)
+        if found is None:
+            raise IPAdapterError(f"--data {where}: no {what} column among {', '.join(names)}; name it with "
+                                 f"--set {flag}=COLUMN")
+        return found
+
+    return (pick(source.image_column, IMAGE_COLUMNS, "image", "image_column"),
+            pick(source.caption_column, CAPTION_COLUMNS, "caption", "caption_column"))
+
+
+def _hf_records(data: str | list[str], bad: BadItems, source: Source) -> list[Record]:
+    """Rows of a Hugging Face dataset: memory-mapped rows read in place, or (streaming) written once to the cache."""
+    import datasets
+
+    where = data if isinstance(data, str) else f"{data[0]} (+{len(data) - 1})"
+    ds = _hf_dataset(data, source.streaming)
+    names = list(ds.column_names or ds.features or [])
+    image_col, caption_col = _columns(names, source, where)
+    if isinstance((ds.features or {}).get(image_col), datasets.Image):
+        ds = ds.cast_column(image_col, datasets.Image(decode=False))
+    root = Path(data) if isinstance(data, str) and Path(data).is_dir() else Path(str(where)).parent
+    if source.streaming:
+        return _streamed_records(ds, image_col, caption_col, root, str(where), bad, source)
+    captions = ds[caption_col]
+    records = []
+    for i, caption in enumerate(captions):
+        name = f"{where} row {i}"
+        if not isinstance(caption, str) or not caption.strip():
+            bad.add("empty caption", name)
+            continue
+        records.append(Record(RowBlob(ds, i, image_col, str(root)), caption.strip(), key=name))
+    return records
+
+
+def _streamed_records(ds, image_col: str, caption_col: str, root: Path, where: str, bad: BadItems,
+                      source: Source) -> list[Record]:
+    path = _cache_folder(source) / _cache_name(f"{where}|{image_col}|{caption_col}", "stream")
+    if not path.is_file():
+        with _TarWriter(path) as out:
+            for i, row in enumerate(ds):
+                caption = row.get(caption_col)
+                try:
+                    image = _row_image(row.get(image_col), str(root))
+                except BadItem as e:
+                    out.add(f"{i:09d}.bad", f"{e.reason}\t{e.detail}".encode())
+                    continue
+                out.add(f"{i:09d}.img", image)
+                out.add(f"{i:09d}.txt", caption.encode() if isinstance(caption, str) else b"")
+    return _tar_records([str(path)], bad, label=where)
+
+
+def _row_image(value, root: str) -> bytes:
+    """Image bytes from a row's image cell: {"bytes", "path"} (datasets.Image), a path, or bytes."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        file = value if os.path.isabs(value) else os.path.join(root, value)
+        try:
+            with open(file, "rb") as f:
+                return f.read()
+        except OSError:
+            raise BadItem("missing file", file) from None
+    raise BadItem("missing file", "no image in the row")
+
+
+@dataclass(frozen=True)
+class RowBlob:
+    """The image of row ``row`` of a memory-mapped ``datasets.Dataset`` (picklable: Arrow files are mapped)."""
+
+    dataset: object
+    row: int
+    column: str
+    root: str
+    offset: int = 0  # read through read(), like a tar member
+
+    def read(self) -> bytes:
+        return _row_image(self.dataset[self.row][self.column], self.root)
+
+    @property
+    def path(self) -> str:
+        return f"row {self.row}"
+
+    @property
+    def name(self) -> str:
+        return f"row {self.row}"
+
+    def exists(self) -> bool:
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- transforms

@@ -58,9 +58,14 @@ class TrainConfig:
 
     # what to train
     model: str = ""  # diffusers model folder (SD 1.x or SDXL), with image_encoder/ or give image_encoder
-    data: str = ""  # .json / .jsonl list, folder of images + .txt, .tar shards (folder, file or glob)
+    model_config: str | None = None  # single-file model: a diffusers folder or hub id of its family (CLI converts)
+    data: str = ""  # .json/.jsonl list, images + .txt, webdataset shards, a datasets folder or parquet (data.py)
     output: str = ""
     data_root: str | None = None  # folder the JSON paths are relative to (default: the JSON file's folder)
+    image_column: str | None = None  # Hugging Face datasets: the image column (default: image, img, jpg, ...)
+    caption_column: str | None = None  # ... and the caption column (default: text, caption, prompt, txt)
+    streaming: bool = False  # datasets: stream the rows (written once to data_cache) instead of memory-mapping
+    data_cache: str | None = None  # compressed/remote shards, streamed rows, uncompressed (default OUTPUT/data-cache)
     kind: str = "global"
     image_encoder: str | None = None  # default MODEL/image_encoder
     num_tokens: int | None = None  # default 4 (global, faceid), 16 (plus), all patches (full)
@@ -743,7 +748,7 @@ def setup_data(run: Run) -> None:
     """The items, their buckets, and their features: from the cache (built first if needed) or per batch."""
     cfg, m, log, device = run.cfg, run.m, run.log, run.device
     bad = run.bad = D.BadItems()
-    records = run.records = D.read_records(cfg.data, cfg.data_root, bad)
+    records = run.records = D.read_records(cfg.data, cfg.data_root, bad, D.Source.of(cfg))
     total = run.total = len(records) + bad.count
     bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
     use_buckets = m.sdxl if cfg.buckets is None else cfg.buckets

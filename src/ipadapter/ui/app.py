@@ -181,8 +181,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
     from ..generation.pipeline import ImagePrompt
 
     slots = form.prompt_images()
-    if not slots:
-        raise IPAdapterError('add at least one prompt image (drop a PNG, JPEG or WebP on "Image 1")')
+    if not slots and not form.prompt.strip():
+        raise IPAdapterError('add a prompt image (drop a PNG, JPEG or WebP on "Image 1") or a text prompt')
+    if not slots:  # text only: the adapter sits it out, the base model runs
+        prompts = [ImagePrompt(scale=float(form.scale))]
+        return prompts, _generate_kwargs(form)
     images = [_read_image(path, "prompt image") for path, _, _ in slots]
     options: dict[str, Any] = {"combine": form.combine}
     weights = [w for _, w, _ in slots]
@@ -205,7 +208,11 @@ def generation_request(form: Form) -> tuple[list, dict]:
         options.update(start=float(form.start), end=float(form.end), curve=form.curve)
     options.update(comfy_options(form.comfy))
     prompts = [ImagePrompt(images=images, scale=float(form.scale), **options)]
+    return prompts, _generate_kwargs(form)
 
+
+def _generate_kwargs(form) -> dict[str, Any]:
+    """The keyword arguments of :meth:`IPAdapter.generate` besides the image prompts."""
     kwargs: dict[str, Any] = dict(
         prompt=form.prompt, negative_prompt=form.negative_prompt or None, num_inference_steps=int(form.steps),
         guidance_scale=float(form.guidance), seed=int(form.seed), width=int(form.width), height=int(form.height),
@@ -222,7 +229,7 @@ def generation_request(form: Form) -> tuple[list, dict]:
             raise IPAdapterError("ControlNet needs both a ControlNet model folder and a control image")
         kwargs.update(controlnets=[form.controlnet], control_images=[_read_image(form.control_image, "control image")],
                       control_scales=[float(form.control_scale)])
-    return prompts, kwargs
+    return kwargs
 
 
 def _read_image(path: str, what: str, mode: str = "RGB"):
@@ -293,8 +300,10 @@ def default_size(model: str | os.PathLike) -> int:
 class ModelCache:
     """Loaded ``IPAdapter`` objects by (model, adapter, encoder), the last ``size`` used; each with its own lock."""
 
-    def __init__(self, device: str | None = None, image_encoder: str | None = None, size: int = MAX_MODELS):
+    def __init__(self, device: str | None = None, image_encoder: str | None = None, size: int = MAX_MODELS,
+                 options: dict | None = None):
         self.device, self.image_encoder, self.size = device, image_encoder, size
+        self.options = dict(options or {})  # model_config, loras, dtype (see generation.loading)
         self._items: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -311,16 +320,16 @@ class ModelCache:
             return item
 
     def _load(self, model: str, adapter: str):
-        import torch
-
-        from ..generation.pipeline import load, load_pipeline
+        from ..generation.loading import apply_loras, config_folder, load_model, resolve_device, resolve_dtype
+        from ..generation.pipeline import load
 
         if not Path(adapter).is_file():
             raise IPAdapterError(f"{adapter}: no such adapter file")
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(model, device=device)
-        return load(pipe, adapter, image_encoder=self.image_encoder,
-                    model_dir=model if Path(model).is_dir() else None)
+        device = resolve_device(self.device)
+        config = self.options.get("model_config")
+        pipe = load_model(model, config, device=device, dtype=resolve_dtype(self.options.get("dtype"), device))
+        apply_loras(pipe, self.options.get("loras") or ())
+        return load(pipe, adapter, image_encoder=self.image_encoder, model_dir=config_folder(model, config))
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -349,15 +358,15 @@ class Generator:
             form.seed = random.SystemRandom().randrange(2**31)
         form.model, form.adapter = model, adapter
         ip, lock = self.models.get(model, adapter)
-        prompts, kwargs = generation_request(form)
-        if on_step is not None:
-            def callback(pipe, step, timestep, tensors):
-                on_step(step + 1, int(getattr(pipe, "num_timesteps", None) or form.steps))
-                return tensors
-
-            kwargs["callback_on_step_end"] = callback
         with lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IPAdapterNote)
+            prompts, kwargs = generation_request(form)  # inside: its notes (an animated image ...) are shown too
+            if on_step is not None:
+                def callback(pipe, step, timestep, tensors):
+                    on_step(step + 1, int(getattr(pipe, "num_timesteps", None) or form.steps))
+                    return tensors
+
+                kwargs["callback_on_step_end"] = callback
             images = ip.generate(prompts=prompts, **kwargs)
         notes = [page_message(w.message) for w in caught if issubclass(w.category, IPAdapterNote)]
         sampler = type(ip.pipe.scheduler).__name__
@@ -381,35 +390,32 @@ class Generator:
 
 
 def parameters_text(form: Form, size: tuple[int, int], sampler: str) -> str:
-    """The PNG's "parameters" text: the usual A1111-style lines, plus the IP-Adapter inputs."""
-    images = ", ".join(
-        f"{Path(p).name} (weight {w:g}{', mask ' + Path(m).name if m else ''})" for p, w, m in form.prompt_images()
-    )
-    parts = [
-        f"Steps: {form.steps}", f"Sampler: {sampler}", f"CFG scale: {form.guidance:g}", f"Seed: {form.seed}",
-        f"Size: {size[0]}x{size[1]}", f"Model: {form.model}", f"IP-Adapter: {Path(form.adapter).name}",
-        f"IP-Adapter scale: {form.scale:g}", f"IP-Adapter images: {images}",
-    ]
-    if form.combine != "concat":
-        parts.append(f"IP-Adapter combine: {form.combine}")
-    if form.negative_image:
-        parts.append(f"IP-Adapter negative image: {Path(form.negative_image).name}")
-    if form.blocks:
-        parts.append(f"IP-Adapter blocks: {form.blocks}")
-    if (form.start, form.end, form.curve) != (0.0, 1.0, "constant"):
-        parts.append(f"IP-Adapter range: {form.start:g}-{form.end:g} {form.curve}")
-    for name, neutral in COMFY_CONTROLS:
-        value = form.comfy.get(name, neutral)
-        if value not in (None, "") and value != neutral:
-            parts.append(f"IP-Adapter {name.replace('_', ' ')}: {Path(value).name if name in COMFY_IMAGES else value}")
-    if form.init_image:
-        parts.append(f"Init image: {Path(form.init_image).name}, Denoising strength: {form.strength:g}")
-        if form.inpaint_mask:
-            parts.append(f"Inpaint mask: {Path(form.inpaint_mask).name}")
-    if form.controlnet:
-        parts.append(f"ControlNet: {form.controlnet}, ControlNet image: {Path(form.control_image or '').name}, "
-                     f"ControlNet scale: {form.control_scale:g}")
-    return f"{form.prompt}\nNegative prompt: {form.negative_prompt}\n" + ", ".join(parts)
+    """The PNG's "parameters" text, in the one format the CLI writes too (:mod:`ipadapter.generation.parameters`);
+    uploads by their file names (Gradio's cache paths mean nothing elsewhere)."""
+    from ..generation.parameters import AdapterParameters, ControlNetParameters, Parameters, format_parameters
+
+    def name(path: str | None) -> str:
+        return Path(path).name if path else ""
+
+    slots = form.prompt_images()
+    masks = [name(m) for _, _, m in slots]
+    adapter = AdapterParameters(
+        adapter=Path(form.adapter).name if Path(form.adapter).parent == Path(form.model) else form.adapter,
+        scale=float(form.scale), images=[name(p) for p, _, _ in slots], weights=[w for _, w, _ in slots],
+        masks=masks if any(masks) else [], negative_images=[name(form.negative_image)] if form.negative_image else [],
+        combine=form.combine, start=float(form.start), end=float(form.end), curve=form.curve, blocks=form.blocks,
+        options={n: str(form.comfy[n]) for n, neutral in COMFY_CONTROLS if n not in COMFY_IMAGES
+                 and form.comfy.get(n, neutral) not in (None, "", neutral)},
+        option_images={n if n.endswith("s") else n + "s": [name(form.comfy[n])] for n in COMFY_IMAGES
+                       if form.comfy.get(n)})
+    return format_parameters(Parameters(
+        prompt=form.prompt, negative_prompt=form.negative_prompt, steps=int(form.steps), sampler=sampler,
+        guidance=float(form.guidance), seed=int(form.seed), width=size[0], height=size[1], model=form.model,
+        adapters=[adapter], init_image=name(form.init_image),
+        strength=float(form.strength) if form.init_image else None,
+        inpaint_mask=name(form.inpaint_mask) if form.init_image else "",
+        controlnets=[ControlNetParameters(form.controlnet, name(form.control_image), float(form.control_scale))]
+        if form.controlnet else []))
 
 
 # ------------------------------------------------------------------------------------------------ the page
@@ -444,15 +450,16 @@ def _is_embedded(model: str) -> bool:
 def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
               image_encoder: str | os.PathLike | None = None, device: str | None = None,
               output_dir: str | os.PathLike | None = None, allow_model_change: bool = True,
-              preload: bool = False):
+              preload: bool = False, model_options: dict | None = None):
     """The Gradio Blocks app, not launched (see :func:`launch`). ``model``/``adapter``: the embedded world model's
-    by default. ``preload`` loads the model now, so that a bad model fails here and the first click is fast."""
+    by default. ``preload`` loads the model now, so that a bad model fails here and the first click is fast.
+    ``model_options``: ``model_config`` (for a single-file model), ``loras`` [(file, weight)], ``dtype``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local tool: no telemetry calls
     import gradio as gr
 
     model, adapter = resolve_model(model, adapter)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="ipadapter-ui-"))
-    models = ModelCache(device, str(image_encoder) if image_encoder else None)
+    models = ModelCache(device, str(image_encoder) if image_encoder else None, options=model_options)
     generator = Generator(models, model, adapter, output_dir, allow_model_change)
     if preload:
         models.get(model, adapter)
