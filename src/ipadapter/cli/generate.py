@@ -509,7 +509,8 @@ def _parameters(args, pipe, model, groups, controls, seed: int, image):
     ]
     return Parameters(
         prompt=args.prompt, negative_prompt=args.negative_prompt or "", steps=args.steps,
-        sampler=type(pipe.scheduler).__name__, guidance=float(_guidance(args, pipe)), seed=seed,
+        sampler=type(pipe.scheduler).__name__, guidance=float(_guidance(args, pipe)),
+        true_cfg=getattr(args, "true_cfg", None), seed=seed,
         width=image.width, height=image.height, model=str(model), adapters=adapters,
         init_image=str(args.init_image or ""),
         strength=args.strength, inpaint_mask=str(args.inpaint_mask or ""),

@@ -41,7 +41,7 @@ def _merge(args, p: Parameters, folder: Path) -> None:
     plain = {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None, "steps": p.steps,
              "guidance": p.guidance, "seed": [p.seed], "width": p.width or None, "height": p.height or None,
              "model": p.model or None, "init_image": find(p.init_image) or None, "strength": p.strength,
-             "inpaint_mask": find(p.inpaint_mask) or None}
+             "inpaint_mask": find(p.inpaint_mask) or None, "true_cfg": p.true_cfg}
     for key, value in plain.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

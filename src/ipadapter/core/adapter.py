@@ -92,7 +92,7 @@ class Adapter(nn.Module):
         c = self.config
         cfg = encoder.config
         siglip = "siglip" in str(getattr(cfg, "model_type", ""))
-        if c.time_conditioned != siglip:
+        if c.time_conditioned and not siglip or not c.time_conditioned and not c.flavour and siglip:
             want = "a SigLIP encoder (SiglipVisionModel)" if c.time_conditioned else "a CLIP vision encoder"
             raise IPAdapterError(
                 f"{source}: {c.kind} adapter reads {want}; this encoder is {getattr(cfg, 'model_type', '?')} "
@@ -106,7 +106,6 @@ class Adapter(nn.Module):
             got, what = getattr(cfg, "hidden_size", None), "hidden width (penultimate features)"
         else:
             return
-        siglip = "siglip" in str(getattr(cfg, "model_type", ""))
         wants_siglip = {"xlabs": False, "instantx": True}.get(c.flavour)
         if got != c.embed_dim or (wants_siglip is not None and siglip != wants_siglip):
             if c.flavour:  # the published Flux adapters each read one encoder

@@ -74,6 +74,7 @@ class Parameters:
     steps: int = 30
     sampler: str = ""
     guidance: float = 7.5
+    true_cfg: float | None = None  # Flux's true classifier-free guidance (FluxPipeline's true_cfg_scale)
     seed: int = 0
     width: int = 0
     height: int = 0
@@ -106,6 +107,7 @@ def format_parameters(p: Parameters) -> str:
     """The text an image carries (see the module docstring)."""
     main: list[tuple[str, object]] = [
         ("Steps", str(p.steps)), ("Sampler", p.sampler), ("CFG scale", _number(p.guidance)),
+        *([("True CFG scale", _number(p.true_cfg))] if p.true_cfg is not None else []),
         ("Seed", str(p.seed)), ("Size", f"{p.width}x{p.height}"), ("Model", p.model),
     ]
     if p.init_image:
@@ -214,6 +216,8 @@ def _read_main(p: Parameters, pairs: list[tuple[str, str]], where: str) -> None:
             p.sampler = value
         elif key == "CFG scale":
             p.guidance = _float(value, key, where)
+        elif key == "True CFG scale":
+            p.true_cfg = _float(value, key, where)
         elif key == "Seed":
             p.seed = _int(value, key, where)
         elif key == "Size":
