@@ -448,6 +448,8 @@ def _check_plain_flags(args, controls: list[dict]):
         raise IPAdapterError("--inpaint-mask needs --init-image (the image to paint into)")
     if args.strength is not None and not args.init_image:
         raise IPAdapterError("--strength needs --init-image (it is how far img2img moves from it)")
+    if getattr(args, "true_cfg", None) is not None and args.negative_prompt is None:
+        raise IPAdapterError("--true-cfg needs --negative-prompt (true CFG runs an unconditional pass with it)")
     limits.check_counts(args.steps, args.num_images)
     if args.guidance is not None:  # None: the family's default (7.5 on UNets, 3.5 on Flux)
         limits.check_guidance(args.guidance)
