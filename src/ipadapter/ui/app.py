@@ -464,231 +464,289 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
     if preload:
         models.get(model, adapter)
     side = default_size(model)
-    defaults = Form(width=side, height=side)
     model_label = "the embedded world model (64x64 coloured shapes)" if _is_embedded(model) else f"`{model}`"
-    image_sources = ["upload", "clipboard"]
-
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate",
                            font=["ui-sans-serif", "system-ui", "sans-serif"],  # system fonts: nothing fetched
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
-        history = gr.State([])  # this browser's results, newest first
-        selected = gr.State(0)
-        shown = gr.State(1)  # prompt-image slots shown
-
-        with gr.Column(elem_id="ipa-header"):
-            gr.Markdown(f"# {TITLE}\n{INTRO} Model: {model_label}.")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=5, min_width=360):
-                slot_columns, slot_images, slot_weights, slot_masks = [], [], [], []
-                with gr.Row():
-                    for i in range(MAX_IMAGES):
-                        with gr.Column(visible=i == 0, min_width=150) as col:
-                            img = gr.Image(label=f"Image {i + 1}", type="filepath", sources=image_sources,
-                                           height=200, elem_id=f"ipa-image-{i + 1}")
-                            w = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", elem_id=f"ipa-weight-{i + 1}")
-                            with gr.Accordion("Region mask", open=False):
-                                m = gr.Image(label="Mask (white = here)", type="filepath", image_mode="L",
-                                             sources=image_sources, height=120, elem_id=f"ipa-mask-{i + 1}")
-                        slot_columns.append(col)
-                        slot_images.append(img)
-                        slot_weights.append(w)
-                        slot_masks.append(m)
-                add_slot = gr.Button(f"+ Add another image (up to {MAX_IMAGES})", size="sm", variant="secondary")
-                prompt = gr.Textbox(label="Text prompt (optional)", lines=2, elem_id="ipa-prompt",
-                                    placeholder="e.g. a red circle on a blue background; empty = image only")
-                negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="ipa-negative")
-                run = gr.Button("Generate", variant="primary", elem_id="ipa-generate")
-                with gr.Row():
-                    scale = gr.Slider(0, 2, value=defaults.scale, step=0.05, label="Image prompt scale",
-                                      info="1 = image only; ~0.5 with text", elem_id="ipa-scale")
-                    num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="ipa-num-images")
-                with gr.Row():
-                    steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps", elem_id="ipa-steps")
-                    guidance = gr.Slider(1, 20, value=defaults.guidance, step=0.5, label="Guidance",
-                                         elem_id="ipa-guidance")
-                with gr.Row():
-                    width = gr.Slider(8, 2048, value=side, step=8, label="Width", elem_id="ipa-width")
-                    height = gr.Slider(8, 2048, value=side, step=8, label="Height", elem_id="ipa-height")
-                with gr.Row(equal_height=True):
-                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="ipa-seed")
-                    random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="ipa-random-seed")
-                with gr.Accordion("Advanced: blocks, start/end, combine, negative image, img2img, ControlNet",
-                                  open=False):
-                    with gr.Row():
-                        blocks = gr.Dropdown(BLOCK_CHOICES, value="", allow_custom_value=True, elem_id="ipa-blocks",
-                                             label="Blocks",
-                                             info="where the image prompt acts: InstantStyle presets or "
-                                                  "BLOCK=SCALE,... (e.g. up_blocks.1=1,*=0.3)")
-                        combine = gr.Dropdown(list(COMBINE_MODES), value="concat",
-                                              label="Combine images", info="concat keeps each image's tokens",
-                                              elem_id="ipa-combine")
-                    with gr.Row():
-                        start = gr.Slider(0, 1, value=0, step=0.05, label="Start", info="fraction of the steps",
-                                          elem_id="ipa-start")
-                        end = gr.Slider(0, 1, value=1, step=0.05, label="End", info="fraction of the steps",
-                                        elem_id="ipa-end")
-                        curve = gr.Dropdown(["constant", "linear", "ease-in", "ease-out"], value="constant",
-                                            label="Weight curve", elem_id="ipa-curve")
-                    with gr.Row():
-                        negative_image = gr.Image(label="Negative image", type="filepath", height=160,
-                                                  sources=image_sources, elem_id="ipa-negative-image")
-                        gr.Markdown("A **negative image** takes the place of the empty image in the unconditional "
-                                    "branch of guidance: results move away from it (e.g. a blurry or noisy picture).")
-                    with gr.Row():
-                        init_image = gr.Image(label="img2img image", type="filepath", height=160,
-                                              sources=image_sources, elem_id="ipa-init-image")
-                        inpaint_mask = gr.Image(label="Inpaint mask", type="filepath",
-                                                image_mode="L", height=160, sources=image_sources,
-                                                elem_id="ipa-inpaint-mask")
-                    strength = gr.Slider(0.05, 1, value=defaults.strength, step=0.05, label="img2img strength",
-                                         info="how much of the img2img image to repaint (inpaint mask: white = "
-                                              "repaint)", elem_id="ipa-strength")
-                    with gr.Row():
-                        control_image = gr.Image(label="Control image", type="filepath", height=160,
-                                                 sources=image_sources, elem_id="ipa-control-image")
-                        with gr.Column():
-                            controlnet = gr.Textbox(label="ControlNet model folder", elem_id="ipa-controlnet")
-                            control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale",
-                                                      elem_id="ipa-control-scale")
-                    comfy = comfy_widgets(gr, image_sources)
-                with gr.Accordion("Model", open=False):
-                    model_box = gr.Textbox(value=model, label="Model folder (diffusers layout) or hub id",
-                                           interactive=allow_model_change, elem_id="ipa-model")
-                    adapter_box = gr.Textbox(value=adapter, label="Adapter file (.safetensors / .bin)",
-                                             interactive=allow_model_change, elem_id="ipa-adapter")
-            with gr.Column(scale=6, min_width=360):
-                gallery = gr.Gallery(label="Results", columns=3, height=520, object_fit="contain",
-                                     allow_preview=True, elem_id="ipa-gallery", interactive=False)
-                params = gr.Textbox(label="Parameters of the selected result", lines=5, interactive=False,
-                                    buttons=["copy"], elem_id="ipa-params")
-                with gr.Row():
-                    download = gr.DownloadButton("Download PNG (with parameters)", value=None, interactive=False,
-                                                 elem_id="ipa-download")
-                    reuse = gr.Button("Reuse these parameters", interactive=False, elem_id="ipa-reuse")
-
-        inputs = [*(c for i in range(MAX_IMAGES) for c in (slot_images[i], slot_weights[i], slot_masks[i])),
-                  prompt, negative, scale, steps, guidance, seed, random_seed, width, height, num_images,
-                  model_box, adapter_box, combine, blocks, start, end, curve, negative_image, init_image, strength,
-                  inpaint_mask, controlnet, control_image, control_scale, *comfy.values()]
-
-        # These parameter names are the HTTP API's; a default of None makes a parameter optional for clients.
-        def generate(image_1, weight_1=1.0, mask_1=None, image_2=None, weight_2=1.0, mask_2=None, image_3=None,
-                     weight_3=1.0, mask_3=None, image_4=None, weight_4=1.0, mask_4=None, prompt=None,
-                     negative_prompt=None, scale=1.0, steps=30, guidance=7.5, seed=0, random_seed=True, width=None,
-                     height=None, num_images=1, model=None, adapter=None, combine="concat", blocks=None, start=0.0,
-                     end=1.0, curve="constant", negative_image=None, init_image=None, strength=0.6, inpaint_mask=None,
-                     controlnet=None, control_image=None, control_scale=1.0, weight_type=None, composition_weight=None,
-                     boost=None, embeds_scaling="v", crop=None, interpolation="lanczos", sharpen=0.0, tiles=False,
-                     enhance_tiles=1, enhance_ratio=1.0, unfold_batch=False, encode_batch_size=0, negative_noise=None,
-                     noise_strength=1.0, noise_blur=0, noise_seed=0, composition_image=None, face_image=None,
-                     history=None, progress=gr.Progress()):
-            """Generate images from image prompts (and an optional text prompt)."""
-            form = Form(
-                images=[_path(x) for x in (image_1, image_2, image_3, image_4)],
-                weights=[float(1.0 if x is None else x) for x in (weight_1, weight_2, weight_3, weight_4)],
-                masks=[_path(x) for x in (mask_1, mask_2, mask_3, mask_4)],
-                prompt=prompt or "", negative_prompt=negative_prompt or "", scale=float(scale), steps=int(steps),
-                guidance=float(guidance), seed=int(seed or 0), random_seed=bool(random_seed),
-                width=int(width or side), height=int(height or side), num_images=int(num_images),
-                model=(model or "").strip(), adapter=(adapter or "").strip(), combine=combine or "concat",
-                blocks=(blocks or "").strip(), start=float(start), end=float(end), curve=curve or "constant",
-                negative_image=_path(negative_image), init_image=_path(init_image), strength=float(strength),
-                inpaint_mask=_path(inpaint_mask),
-                controlnet=(controlnet or "").strip(), control_image=_path(control_image),
-                control_scale=float(control_scale),
-                comfy=dict(weight_type=weight_type, composition_weight=composition_weight, boost=boost,
-                           embeds_scaling=embeds_scaling, crop=crop, interpolation=interpolation, sharpen=sharpen,
-                           tiles=tiles, enhance_tiles=enhance_tiles, enhance_ratio=enhance_ratio,
-                           unfold_batch=unfold_batch, encode_batch_size=encode_batch_size,
-                           negative_noise=negative_noise, noise_strength=noise_strength, noise_blur=noise_blur,
-                           noise_seed=noise_seed, composition_image=_path(composition_image),
-                           face_image=_path(face_image)),
-            )
-            progress(0, desc="Preparing")  # loading the model, on first use
-            try:
-                entries, notes = generator.run(form, lambda i, n: progress((i, n), desc="Denoising", unit="steps"))
-            except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
-                raise _page_error(e, form) from None
-            for text in notes:
-                gr.Info(page_message(text, form), title="Note")
-            history = (entries + list(history or []))[:MAX_HISTORY]
-            first = entries[0]
-            # plain values, so that API clients get a list of (PNG, caption), the parameters and the first PNG
-            return [(h["path"], h["caption"]) for h in history], first["text"], first["path"], history, 0
-
-        # preprocess=False: uploads arrive as paths (Gradio still checks that they lie in its upload cache), so an
-        # unreadable file reaches the library's loader and its one-line message, not a decoder's traceback.
-        run.click(generate, inputs=[*inputs, history], outputs=[gallery, params, download, history, selected],
-                  api_name="generate", preprocess=False, concurrency_limit=1, concurrency_id="generate",
-                  ).success(lambda: (gr.DownloadButton(interactive=True), gr.Button(interactive=True)),
-                            outputs=[download, reuse], queue=False, api_visibility="private")
-
-        def upload_checker(what: str):
-            """Check an upload at once, so that a bad file is reported where it was dropped."""
-            def check(payload):
-                path = _path(payload)
-                if path:
-                    try:
-                        _read_image(path, what)
-                    except IPAdapterError as e:
-                        raise gr.Error(str(e), title="Not an image", print_exception=False) from None
-
-            return check
-
-        for component in (*slot_images, *slot_masks, negative_image, init_image, inpaint_mask, control_image):
-            what = {"Mask (white = here)": "region mask"}.get(component.label, component.label)
-            component.upload(upload_checker(what), inputs=component, outputs=None, preprocess=False,
-                             api_visibility="private")
-
-        def show_more(n):
-            n = min(int(n) + 1, MAX_IMAGES)
-            return [n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)), gr.Button(interactive=n < MAX_IMAGES)]
-
-        add_slot.click(show_more, inputs=shown, outputs=[shown, *slot_columns, add_slot], queue=False,
-                       api_visibility="private")
-
-        def select(history, evt: gr.SelectData):
-            if not history or evt.index is None or evt.index >= len(history):
-                return "", gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=False), 0
-            entry = history[evt.index]
-            return (entry["text"], gr.DownloadButton(value=entry["path"], interactive=True),
-                    gr.Button(interactive=True), evt.index)
-
-        # Gradio finds the event-data argument by its annotation; postponed annotations make it a string here
-        select.__annotations__["evt"] = gr.SelectData
-        gallery.select(select, inputs=history, outputs=[params, download, reuse, selected], queue=False,
-                       api_visibility="private")
-
-        def reuse_parameters(history, index):
-            if not history:
-                raise gr.Error("generate something first", title="Nothing to reuse", print_exception=False)
-            form = Form(**history[min(int(index or 0), len(history) - 1)]["form"])
-
-            def still(path):  # uploads live in Gradio's cache for the server's lifetime
-                return path if path and Path(path).is_file() else None
-
-            n = max(1, max((i + 1 for i, p in enumerate(form.images) if p), default=1))
-            values = [v for i in range(MAX_IMAGES) for v in (still(form.images[i]), form.weights[i],
-                                                              still(form.masks[i]))]
-            values += [form.prompt, form.negative_prompt, form.scale, form.steps, form.guidance, form.seed, False,
-                       form.width, form.height, form.num_images, form.model, form.adapter, form.combine, form.blocks,
-                       form.start, form.end, form.curve, still(form.negative_image), still(form.init_image),
-                       form.strength,
-                       still(form.inpaint_mask), form.controlnet, still(form.control_image), form.control_scale]
-            values += [still(form.comfy.get(k)) if k in COMFY_IMAGES else form.comfy.get(k, v)
-                       for k, v in COMFY_CONTROLS]
-            return [*values, n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)),
-                    gr.Button(interactive=n < MAX_IMAGES)]
-
-        reuse.click(reuse_parameters, inputs=[history, selected], outputs=[*inputs, shown, *slot_columns, add_slot],
-                    queue=False, api_visibility="private")
-
+        page = _layout(gr, model, adapter, model_label, side, allow_model_change)
+        _wire(gr, page, generator, side)
     app.queue(default_concurrency_limit=1, max_size=64)
     # for launch(): Gradio 6 takes the theme and CSS at launch time; the PNGs are served from output_dir
     app.ipadapter_launch_kwargs = dict(theme=theme, css=CSS, allowed_paths=[str(output_dir)])
     app.ipadapter_generator = generator
     return app
+
+
+def _layout(gr, model: str, adapter: str, model_label: str, side: int, allow_model_change: bool) -> dict:
+    """The page's components, by name (the header, the form's columns, the results)."""
+    page: dict = {"history": gr.State([]), "selected": gr.State(0), "shown": gr.State(1)}  # newest first; slots
+    with gr.Column(elem_id="ipa-header"):
+        gr.Markdown(f"# {TITLE}\n{INTRO} Model: {model_label}.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=360):
+            page.update(_prompt_slots(gr))
+            page.update(_main_controls(gr, side))
+            page.update(_advanced_controls(gr))
+            page.update(_model_controls(gr, model, adapter, allow_model_change))
+        with gr.Column(scale=6, min_width=360):
+            page.update(_results(gr))
+    return page
+
+
+IMAGE_SOURCES = ["upload", "clipboard"]
+
+
+def _prompt_slots(gr) -> dict:
+    """Up to MAX_IMAGES prompt images, each with a weight and a region mask; one shown at first."""
+    image_sources = IMAGE_SOURCES
+    slot_columns, slot_images, slot_weights, slot_masks = [], [], [], []
+    with gr.Row():
+        for i in range(MAX_IMAGES):
+            with gr.Column(visible=i == 0, min_width=150) as col:
+                img = gr.Image(label=f"Image {i + 1}", type="filepath", sources=image_sources,
+                               height=200, elem_id=f"ipa-image-{i + 1}")
+                w = gr.Slider(0, 2, value=1.0, step=0.05, label="Weight", elem_id=f"ipa-weight-{i + 1}")
+                with gr.Accordion("Region mask", open=False):
+                    m = gr.Image(label="Mask (white = here)", type="filepath", image_mode="L",
+                                 sources=image_sources, height=120, elem_id=f"ipa-mask-{i + 1}")
+            slot_columns.append(col)
+            slot_images.append(img)
+            slot_weights.append(w)
+            slot_masks.append(m)
+    add_slot = gr.Button(f"+ Add another image (up to {MAX_IMAGES})", size="sm", variant="secondary")
+    return dict(slot_columns=slot_columns, slot_images=slot_images, slot_weights=slot_weights,
+                slot_masks=slot_masks, add_slot=add_slot)
+
+
+def _main_controls(gr, side: int) -> dict:
+    defaults = Form(width=side, height=side)
+    prompt = gr.Textbox(label="Text prompt (optional)", lines=2, elem_id="ipa-prompt",
+                        placeholder="e.g. a red circle on a blue background; empty = image only")
+    negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="ipa-negative")
+    run = gr.Button("Generate", variant="primary", elem_id="ipa-generate")
+    with gr.Row():
+        scale = gr.Slider(0, 2, value=defaults.scale, step=0.05, label="Image prompt scale",
+                          info="1 = image only; ~0.5 with text", elem_id="ipa-scale")
+        num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="ipa-num-images")
+    with gr.Row():
+        steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps", elem_id="ipa-steps")
+        guidance = gr.Slider(1, 20, value=defaults.guidance, step=0.5, label="Guidance",
+                             elem_id="ipa-guidance")
+    with gr.Row():
+        width = gr.Slider(8, 2048, value=side, step=8, label="Width", elem_id="ipa-width")
+        height = gr.Slider(8, 2048, value=side, step=8, label="Height", elem_id="ipa-height")
+    with gr.Row(equal_height=True):
+        seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="ipa-seed")
+        random_seed = gr.Checkbox(value=True, label="Random seed", elem_id="ipa-random-seed")
+    return dict(prompt=prompt, negative=negative, run=run, scale=scale, num_images=num_images, steps=steps,
+                guidance=guidance, width=width, height=height, seed=seed, random_seed=random_seed)
+
+
+def _advanced_controls(gr) -> dict:
+    defaults, image_sources = Form(), IMAGE_SOURCES
+    with gr.Accordion("Advanced: blocks, start/end, combine, negative image, img2img, ControlNet",
+                      open=False):
+        with gr.Row():
+            blocks = gr.Dropdown(BLOCK_CHOICES, value="", allow_custom_value=True, elem_id="ipa-blocks",
+                                 label="Blocks",
+                                 info="where the image prompt acts: InstantStyle presets or "
+                                      "BLOCK=SCALE,... (e.g. up_blocks.1=1,*=0.3)")
+            combine = gr.Dropdown(list(COMBINE_MODES), value="concat",
+                                  label="Combine images", info="concat keeps each image's tokens",
+                                  elem_id="ipa-combine")
+        with gr.Row():
+            start = gr.Slider(0, 1, value=0, step=0.05, label="Start", info="fraction of the steps",
+                              elem_id="ipa-start")
+            end = gr.Slider(0, 1, value=1, step=0.05, label="End", info="fraction of the steps",
+                            elem_id="ipa-end")
+            curve = gr.Dropdown(["constant", "linear", "ease-in", "ease-out"], value="constant",
+                                label="Weight curve", elem_id="ipa-curve")
+        with gr.Row():
+            negative_image = gr.Image(label="Negative image", type="filepath", height=160,
+                                      sources=image_sources, elem_id="ipa-negative-image")
+            gr.Markdown("A **negative image** takes the place of the empty image in the unconditional "
+                        "branch of guidance: results move away from it (e.g. a blurry or noisy picture).")
+        with gr.Row():
+            init_image = gr.Image(label="img2img image", type="filepath", height=160,
+                                  sources=image_sources, elem_id="ipa-init-image")
+            inpaint_mask = gr.Image(label="Inpaint mask", type="filepath",
+                                    image_mode="L", height=160, sources=image_sources,
+                                    elem_id="ipa-inpaint-mask")
+        strength = gr.Slider(0.05, 1, value=defaults.strength, step=0.05, label="img2img strength",
+                             info="how much of the img2img image to repaint (inpaint mask: white = "
+                                  "repaint)", elem_id="ipa-strength")
+        with gr.Row():
+            control_image = gr.Image(label="Control image", type="filepath", height=160,
+                                     sources=image_sources, elem_id="ipa-control-image")
+            with gr.Column():
+                controlnet = gr.Textbox(label="ControlNet model folder", elem_id="ipa-controlnet")
+                control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale",
+                                          elem_id="ipa-control-scale")
+        comfy = comfy_widgets(gr, image_sources)
+    return dict(blocks=blocks, combine=combine, start=start, end=end, curve=curve, negative_image=negative_image,
+                init_image=init_image, inpaint_mask=inpaint_mask, strength=strength, control_image=control_image,
+                controlnet=controlnet, control_scale=control_scale, comfy=comfy)
+
+
+def _model_controls(gr, model: str, adapter: str, allow_model_change: bool) -> dict:
+    with gr.Accordion("Model", open=False):
+        model_box = gr.Textbox(value=model, label="Model folder (diffusers layout) or hub id",
+                               interactive=allow_model_change, elem_id="ipa-model")
+        adapter_box = gr.Textbox(value=adapter, label="Adapter file (.safetensors / .bin)",
+                                 interactive=allow_model_change, elem_id="ipa-adapter")
+    return dict(model_box=model_box, adapter_box=adapter_box)
+
+
+def _results(gr) -> dict:
+    gallery = gr.Gallery(label="Results", columns=3, height=520, object_fit="contain",
+                         allow_preview=True, elem_id="ipa-gallery", interactive=False)
+    params = gr.Textbox(label="Parameters of the selected result", lines=5, interactive=False,
+                        buttons=["copy"], elem_id="ipa-params")
+    with gr.Row():
+        download = gr.DownloadButton("Download PNG (with parameters)", value=None, interactive=False,
+                                     elem_id="ipa-download")
+        reuse = gr.Button("Reuse these parameters", interactive=False, elem_id="ipa-reuse")
+    return dict(gallery=gallery, params=params, download=download, reuse=reuse)
+
+
+def _form_inputs(p: dict) -> list:
+    """The form's components in the order of the ``generate`` endpoint's parameters (the HTTP API)."""
+    return [*(c for i in range(MAX_IMAGES) for c in (p["slot_images"][i], p["slot_weights"][i], p["slot_masks"][i])),
+            p["prompt"], p["negative"], p["scale"], p["steps"], p["guidance"], p["seed"], p["random_seed"],
+            p["width"], p["height"], p["num_images"], p["model_box"], p["adapter_box"], p["combine"], p["blocks"],
+            p["start"], p["end"], p["curve"], p["negative_image"], p["init_image"], p["strength"],
+            p["inpaint_mask"], p["controlnet"], p["control_image"], p["control_scale"], *p["comfy"].values()]
+
+
+def _wire(gr, p: dict, generator: Generator, side: int) -> None:
+    """The page's events: generate, upload checks, more slots, selecting a result, reusing its parameters."""
+    inputs = _form_inputs(p)
+    history, selected, shown = p["history"], p["selected"], p["shown"]
+    gallery, params, download, reuse = p["gallery"], p["params"], p["download"], p["reuse"]
+    slot_columns, add_slot = p["slot_columns"], p["add_slot"]
+    generate = _generate_endpoint(gr, generator, side)
+    # preprocess=False: uploads arrive as paths (Gradio still checks that they lie in its upload cache), so an
+    # unreadable file reaches the library's loader and its one-line message, not a decoder's traceback.
+    p["run"].click(generate, inputs=[*inputs, history], outputs=[gallery, params, download, history, selected],
+                   api_name="generate", preprocess=False, concurrency_limit=1, concurrency_id="generate",
+                   ).success(lambda: (gr.DownloadButton(interactive=True), gr.Button(interactive=True)),
+                             outputs=[download, reuse], queue=False, api_visibility="private")
+
+    _wire_uploads(gr, [*p["slot_images"], *p["slot_masks"], p["negative_image"], p["init_image"], p["inpaint_mask"],
+                       p["control_image"]])
+
+    def show_more(n):
+        n = min(int(n) + 1, MAX_IMAGES)
+        return [n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)), gr.Button(interactive=n < MAX_IMAGES)]
+
+    add_slot.click(show_more, inputs=shown, outputs=[shown, *slot_columns, add_slot], queue=False,
+                   api_visibility="private")
+
+    def select(history, evt: gr.SelectData):
+        if not history or evt.index is None or evt.index >= len(history):
+            return "", gr.DownloadButton(value=None, interactive=False), gr.Button(interactive=False), 0
+        entry = history[evt.index]
+        return (entry["text"], gr.DownloadButton(value=entry["path"], interactive=True),
+                gr.Button(interactive=True), evt.index)
+
+    # Gradio finds the event-data argument by its annotation; postponed annotations make it a string here
+    select.__annotations__["evt"] = gr.SelectData
+    gallery.select(select, inputs=history, outputs=[params, download, reuse, selected], queue=False,
+                   api_visibility="private")
+
+    def reuse_parameters(history, index):
+        if not history:
+            raise gr.Error("generate something first", title="Nothing to reuse", print_exception=False)
+        form = Form(**history[min(int(index or 0), len(history) - 1)]["form"])
+
+        def still(path):  # uploads live in Gradio's cache for the server's lifetime
+            return path if path and Path(path).is_file() else None
+
+        n = max(1, max((i + 1 for i, p in enumerate(form.images) if p), default=1))
+        values = [v for i in range(MAX_IMAGES) for v in (still(form.images[i]), form.weights[i],
+                                                          still(form.masks[i]))]
+        values += [form.prompt, form.negative_prompt, form.scale, form.steps, form.guidance, form.seed, False,
+                   form.width, form.height, form.num_images, form.model, form.adapter, form.combine, form.blocks,
+                   form.start, form.end, form.curve, still(form.negative_image), still(form.init_image),
+                   form.strength,
+                   still(form.inpaint_mask), form.controlnet, still(form.control_image), form.control_scale]
+        values += [still(form.comfy.get(k)) if k in COMFY_IMAGES else form.comfy.get(k, v)
+                   for k, v in COMFY_CONTROLS]
+        return [*values, n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)),
+                gr.Button(interactive=n < MAX_IMAGES)]
+
+    reuse.click(reuse_parameters, inputs=[history, selected], outputs=[*inputs, shown, *slot_columns, add_slot],
+                queue=False, api_visibility="private")
+
+
+def _generate_endpoint(gr, generator: Generator, side: int):
+    """The ``/generate`` endpoint: the page's controls by name -> (gallery, parameters, PNG, history, selected)."""
+    # These parameter names are the HTTP API's; a default of None makes a parameter optional for clients.
+    def generate(image_1, weight_1=1.0, mask_1=None, image_2=None, weight_2=1.0, mask_2=None, image_3=None,
+                 weight_3=1.0, mask_3=None, image_4=None, weight_4=1.0, mask_4=None, prompt=None,
+                 negative_prompt=None, scale=1.0, steps=30, guidance=7.5, seed=0, random_seed=True, width=None,
+                 height=None, num_images=1, model=None, adapter=None, combine="concat", blocks=None, start=0.0,
+                 end=1.0, curve="constant", negative_image=None, init_image=None, strength=0.6, inpaint_mask=None,
+                 controlnet=None, control_image=None, control_scale=1.0, weight_type=None, composition_weight=None,
+                 boost=None, embeds_scaling="v", crop=None, interpolation="lanczos", sharpen=0.0, tiles=False,
+                 enhance_tiles=1, enhance_ratio=1.0, unfold_batch=False, encode_batch_size=0, negative_noise=None,
+                 noise_strength=1.0, noise_blur=0, noise_seed=0, composition_image=None, face_image=None,
+                 history=None, progress=gr.Progress()):
+        """Generate images from image prompts (and an optional text prompt)."""
+        form = Form(
+            images=[_path(x) for x in (image_1, image_2, image_3, image_4)],
+            weights=[float(1.0 if x is None else x) for x in (weight_1, weight_2, weight_3, weight_4)],
+            masks=[_path(x) for x in (mask_1, mask_2, mask_3, mask_4)],
+            prompt=prompt or "", negative_prompt=negative_prompt or "", scale=float(scale), steps=int(steps),
+            guidance=float(guidance), seed=int(seed or 0), random_seed=bool(random_seed),
+            width=int(width or side), height=int(height or side), num_images=int(num_images),
+            model=(model or "").strip(), adapter=(adapter or "").strip(), combine=combine or "concat",
+            blocks=(blocks or "").strip(), start=float(start), end=float(end), curve=curve or "constant",
+            negative_image=_path(negative_image), init_image=_path(init_image), strength=float(strength),
+            inpaint_mask=_path(inpaint_mask),
+            controlnet=(controlnet or "").strip(), control_image=_path(control_image),
+            control_scale=float(control_scale),
+            comfy=dict(weight_type=weight_type, composition_weight=composition_weight, boost=boost,
+                       embeds_scaling=embeds_scaling, crop=crop, interpolation=interpolation, sharpen=sharpen,
+                       tiles=tiles, enhance_tiles=enhance_tiles, enhance_ratio=enhance_ratio,
+                       unfold_batch=unfold_batch, encode_batch_size=encode_batch_size,
+                       negative_noise=negative_noise, noise_strength=noise_strength, noise_blur=noise_blur,
+                       noise_seed=noise_seed, composition_image=_path(composition_image),
+                       face_image=_path(face_image)),
+        )
+        progress(0, desc="Preparing")  # loading the model, on first use
+        try:
+            entries, notes = generator.run(form, lambda i, n: progress((i, n), desc="Denoising", unit="steps"))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
+            raise _page_error(e, form) from None
+        for text in notes:
+            gr.Info(page_message(text, form), title="Note")
+        history = (entries + list(history or []))[:MAX_HISTORY]
+        first = entries[0]
+        # plain values, so that API clients get a list of (PNG, caption), the parameters and the first PNG
+        return [(h["path"], h["caption"]) for h in history], first["text"], first["path"], history, 0
+
+    return generate
+
+
+def _wire_uploads(gr, components: list) -> None:
+    def upload_checker(what: str):
+        """Check an upload at once, so that a bad file is reported where it was dropped."""
+        def check(payload):
+            path = _path(payload)
+            if path:
+                try:
+                    _read_image(path, what)
+                except IPAdapterError as e:
+                    raise gr.Error(str(e), title="Not an image", print_exception=False) from None
+
+        return check
+
+    for component in components:
+        what = {"Mask (white = here)": "region mask"}.get(component.label, component.label)
+        component.upload(upload_checker(what), inputs=component, outputs=None, preprocess=False,
+                         api_visibility="private")
 
 
 def _is_loopback(host: str) -> bool:
