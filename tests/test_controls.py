@@ -50,7 +50,7 @@ def test_norm_average_ignores_a_common_scale():
 
 
 @pytest.mark.parametrize("weights, count, fragment", [
-    ([1.0], 2, "1 --image-weight value(s) for 2 image(s)"),
+    ([1.0], 2, "1 weights value(s) for 2 image(s)"),
     ([1.0, -1.0], 2, "finite number >= 0"),
     ([1.0, math.nan], 2, "finite number >= 0"),
     ([0.0, 0.0], 2, "all weights are 0"),
@@ -87,11 +87,11 @@ def test_window_and_curves():
 
 
 @pytest.mark.parametrize("start, end, curve, fragment", [
-    (0.6, 0.4, "constant", "--start 0.6 must be below --end 0.4"),
+    (0.6, 0.4, "constant", "start 0.6 must be below end 0.4"),
     (0.5, 0.5, "constant", "must be below"),
-    (-0.1, 1.0, "constant", "--start -0.1"),
-    (0.0, 1.5, "constant", "--end 1.5"),
-    (0.0, 1.0, "cosine", "--curve 'cosine'"),
+    (-0.1, 1.0, "constant", "start -0.1"),
+    (0.0, 1.5, "constant", "end 1.5"),
+    (0.0, 1.0, "cosine", "curve 'cosine'"),
 ])
 def test_bad_schedule(start, end, curve, fragment):
     with pytest.raises(IPAdapterError, match=fragment):

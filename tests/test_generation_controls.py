@@ -337,13 +337,13 @@ def test_python_bad_input_is_one_clear_error_and_leaves_nothing_set(pairs):
     p = pairs["sd15"]
     state = p.ip.adapters[0].state
     for kwargs, fragment in [
-        (dict(images=[noise(1), noise(2)], weights=[1.0]), "1 --image-weight"),
-        (dict(images=[noise(1), noise(2)], masks=[half_masks()[0]]), "1 --image-mask for 2 image"),
-        (dict(images=[noise(1)], combine="average", masks=list(half_masks())), "2 --image-mask for 1 image"),
-        (dict(images=[noise(1)], controlnets=[tiny_controlnet("sd15")]), "1 --controlnet for 0 --control-image"),
-        (dict(images=[noise(1)], mask_image=noise(2)), "--inpaint-mask needs --init-image"),
-        (dict(images=[noise(1)], start=0.7, end=0.2), "--start 0.7 must be below --end 0.2"),
-        (dict(images=[noise(1)], blocks="up_blocks.0"), "--blocks 'up_blocks.0'"),
+        (dict(images=[noise(1), noise(2)], weights=[1.0]), "1 weights"),  # Python names (the CLI: flags)
+        (dict(images=[noise(1), noise(2)], masks=[half_masks()[0]]), "1 masks for 2 image"),
+        (dict(images=[noise(1)], combine="average", masks=list(half_masks())), "2 masks for 1 image"),
+        (dict(images=[noise(1)], controlnets=[tiny_controlnet("sd15")]), "1 controlnets for 0 control_images"),
+        (dict(images=[noise(1)], mask_image=noise(2)), "mask_image needs init_image"),
+        (dict(images=[noise(1)], start=0.7, end=0.2), "start 0.7 must be below end 0.2"),
+        (dict(images=[noise(1)], blocks="up_blocks.0"), "blocks 'up_blocks.0'"),
         (dict(images=[noise(1)], seed=[1, 2], num_images=3), "2 seed"),
     ]:
         with pytest.raises(IPAdapterError, match=fragment):
@@ -358,7 +358,7 @@ def test_side_images_of_another_size_are_resized_with_a_note(pairs):
                             **COMMON)
     assert out.shape[1:3] == (SIZE, SIZE)
     text = " | ".join(str(n.message) for n in notes)
-    assert "--init-image image: 48x48 resized to 32x32" in text and "--inpaint-mask image: 20x20" in text
+    assert "init_image image: 48x48 resized to 32x32" in text and "mask_image image: 20x20" in text  # Python names
 
 
 # ------------------------------------------------------------------------------------------ the world model

@@ -629,7 +629,7 @@ class IPAdapter:
         masks = list(masks)
         want = n if mode == "concat" else 1
         if len(masks) != want:
-            per = f"one per {param('images')}" if mode == "concat" else f"one for the {mode} of the images"
+            per = f"one per image of {param('images')}" if mode == "concat" else f"one for the {mode} of the images"
             raise IPAdapterError(f"{len(masks)} {param('masks')} for {n} image(s) with {param('combine')} {mode}: "
                                  f"give {per}")
         loaded = [controls.load_mask(masks[0], size, param("masks"))]
