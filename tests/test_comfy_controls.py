@@ -277,7 +277,8 @@ def test_enhancer_merge_is_the_pooled_grid():
 
 def test_enhancer_mixes_whole_and_pieces(sd15_pipe):
     enc = ImageEncoder(sd15_pipe.image_encoder, sd15_pipe.feature_extractor)
-    cfg = SimpleNamespace(kind="plus", uses_patch_features=True)
+    cfg = SimpleNamespace(kind="plus", uses_patch_features=True, encoder_feature="penultimate",
+                          time_conditioned=False)
     image = random_image(5, (64, 48))
     got, _ = enc.encode(cfg, [image], enhance_tiles=2, enhance_ratio=0.3)
     whole, _ = enc.encode(cfg, [image])
@@ -468,7 +469,7 @@ def test_cli_face_image_without_insightface_is_one_line(capsys, files, tmp_path)
     rc = main(["generate", "--model", str(files["model"]), "--adapter", str(files["faceid"]), "--face-image",
                str(photo), "--steps", "1", "--width", "32", "--height", "32", "-o", str(tmp_path / "o.png")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "pip install 'ipadapter[faceid]'" in err[0], err
+    assert rc == 2 and len(err) == 1 and "pip install 'ipadapter[faceid]'" in err[0], (rc, err)
     assert not (tmp_path / "o.png").exists()
 
 

@@ -46,7 +46,9 @@ def write_shards(folder: Path, n: int = N, per_shard: int = 4, gz: bool = False,
         with tarfile.open(fileobj=buf, mode="w") as tf:
             for i in range(s, min(s + per_shard, n)):
                 _add(tf, f"{i:04d}.png", b"not an image" if bad and i == 1 else _png(i))
-                caption = "" if bad and i == 2 else f"picture {i}"
+                caption = f"picture {i}"
+                if bad and i == 2:  # no caption at all (an empty one is a valid image-only item)
+                    continue
                 if i % 3 == 0:
                     _add(tf, f"{i:04d}.json", json.dumps({"caption": caption}).encode())
                 else:
@@ -94,7 +96,7 @@ def test_bad_items_in_shards_are_skipped_and_counted(tmp_path):
     write_shards(tmp_path / "s", gz=True, bad=True)
     bad = D.BadItems()
     records = D.read_records(str(tmp_path / "s"), bad=bad, source=D.Source(cache_dir=str(tmp_path / "c")))
-    assert len(records) == N - 1 and bad.skipped == {"empty caption": 1}
+    assert len(records) == N - 1 and bad.skipped == {"no caption": 1}
     with pytest.raises(D.BadItem, match="unreadable image"):  # counted when the trainer decodes it
         D.decode_image(next(r.image for r in records if r.name.endswith(":0001")))
     broken = tmp_path / "broken.tar.gz"
@@ -150,7 +152,7 @@ def test_datasets_imagefolder_parquet_and_streaming(tmp_path, hf_cache):
     folder = _imagefolder(tmp_path / "imgs", bad=True)
     bad = D.BadItems()
     records = D.read_records(str(folder), bad=bad)
-    assert _texts(records) == [t for i, t in enumerate(EXPECTED) if i != 2] and bad.skipped == {"empty caption": 1}
+    assert _texts(records) == [t for i, t in enumerate(EXPECTED) if i != 2] and bad.skipped == {"no caption": 1}
     assert _images(records) == [_png(i) for i in range(N) if i != 2]
     parquet = _parquet(tmp_path / "train.parquet")
     source = D.Source(image_column="picture", caption_column="words", cache_dir=str(tmp_path / "c"))

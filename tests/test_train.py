@@ -271,8 +271,11 @@ def test_cli_train_and_its_errors(dataset, tmp_path, capsys):
     rc = cli.main(["train", "--model", str(tmp_path), "--data", str(dataset), "--output", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "not a diffusers model folder" in err
-    rc = cli.main(["train", "--data", str(dataset), "--output", str(out)])
-    assert rc == 2 and "--model is required" in capsys.readouterr().err
+    from ipadapter import embedded_model
+    from ipadapter.cli.train import config_from_args
+
+    args = cli.build_parser().parse_args(["train", "--data", str(dataset), "--output", str(out)])
+    assert config_from_args(args).model == str(embedded_model()[0])  # no --model: the embedded model, as generate
 
 
 def test_prompt_images_reach_the_encoder_in_cached_and_uncached_runs(dataset, tmp_path):

@@ -237,8 +237,12 @@ PROMPT_OPTIONS = frozenset(f.name for f in fields(ImagePrompt)) - {"images", "sc
 
 
 def is_idle(prompt: ImagePrompt) -> bool:
-    """No image, embeddings or face embeddings: the adapter sits this generation out (text-only, the base model)."""
-    return not prompt.images and prompt.embeds is None and prompt.face_embeds is None
+    """No image, embeddings, face embeddings or face photos: the adapter sits this generation out (text-only, the
+    base model)."""
+    return (not prompt.images and prompt.embeds is None and prompt.face_embeds is None and not prompt.face_images
+            and not prompt.composition_images)
+
+
 MODES: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
 
@@ -651,8 +655,10 @@ class IPAdapter:
         InstructPix2Pix's image-only branch, SAG's degraded pass, a video's frames. Without them the batch is taken
         as [unconditional; conditional] rows, and a batch that does not fit that is an error.
         """
-        param = next(self.denoiser.parameters())
-        handed = markers(len(attached(self.denoiser)), device=param.device, dtype=param.dtype)
+        if not attached(self.denoiser):  # no adapter (the text-only baseline): nothing to lay out
+            return {}
+        weight = next(self.denoiser.parameters())
+        handed = markers(len(attached(self.denoiser)), device=weight.device, dtype=weight.dtype)
         return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
 
     @staticmethod
