@@ -126,7 +126,7 @@ def _imagefolder(folder: Path, n: int = N, bad: bool = False) -> Path:
     lines = []
     for i in range(n):
         (folder / f"{i:04d}.png").write_bytes(_png(i))
-        lines.append(json.dumps({"file_name": f"{i:04d}.png", "caption": "" if bad and i == 2 else f"picture {i}"}))
+        lines.append(json.dumps({"file_name": f"{i:04d}.png", "caption": None if bad and i == 2 else f"picture {i}"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 

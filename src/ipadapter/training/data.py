@@ -496,8 +496,8 @@ def _hf_records(data: str | list[str], bad: BadItems, source: Source) -> list[Re
     records = []
     for i, caption in enumerate(captions):
         name = f"{where} row {i}"
-        if not isinstance(caption, str) or not caption.strip():
-            bad.add("empty caption", name)
+        if not isinstance(caption, str):  # an empty caption is an image-only item; a missing one is bad
+            bad.add("no caption", name)
             continue
         records.append(Record(RowBlob(ds, i, image_col, str(root)), caption.strip(), key=name))
     return records
@@ -516,7 +516,8 @@ def _streamed_records(ds, image_col: str, caption_col: str, root: Path, where: s
                     out.add(f"{i:09d}.bad", f"{e.reason}\t{e.detail}".encode())
                     continue
                 out.add(f"{i:09d}.img", image)
-                out.add(f"{i:09d}.txt", caption.encode() if isinstance(caption, str) else b"")
+                if isinstance(caption, str):  # no .txt: a missing caption, counted as bad by the tar reader
+                    out.add(f"{i:09d}.txt", caption.encode())
     return _tar_records([str(path)], bad, label=where)
 
 
