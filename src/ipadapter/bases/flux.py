@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterState, IPLayer, Runtime
+from ..core.attention import AdapterSlots, AdapterState, Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer
@@ -63,27 +63,16 @@ class _PromptRows:
         return embeds
 
 
-class FluxIPProcessor(nn.Module):
+class FluxIPProcessor(AdapterSlots):
     """Attention processor of one Flux block carrying one or more adapters' image K/V."""
 
     _attention_backend = None
     _parallel_config = None
 
     def __init__(self, index: int, single: bool, runtime: Runtime):
-        super().__init__()
-        self.index, self.single, self.runtime = index, single, runtime
-        self.layers = nn.ModuleList()
-        self.states: list[AdapterState] = []
+        super().__init__(index, runtime)
+        self.single = single
         self.base = None  # the block's own processor, set when installed: it runs whenever no image acts
-
-    def add(self, layer: IPLayer, state: AdapterState) -> None:
-        self.layers.append(layer)
-        self.states.append(state)
-
-    def remove(self, state: AdapterState) -> None:
-        keep = [(la, s) for la, s in zip(self.layers, self.states) if s is not state]
-        self.layers = nn.ModuleList([la for la, _ in keep])
-        self.states = [s for _, s in keep]
 
     def _acting(self) -> list[tuple[AdapterState, float, str]]:
         acting = []

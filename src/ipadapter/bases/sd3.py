@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterState, Runtime
+from ..core.attention import AdapterSlots, AdapterState, Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, Layer
@@ -66,24 +66,8 @@ def _progress(timestep, num_train_timesteps: int) -> float:
     return min(max(1.0 - t / num_train_timesteps, 0.0), 1.0)
 
 
-class JointIPProcessor(nn.Module):
+class JointIPProcessor(AdapterSlots):
     """Attention processor of one joint block (or dual-attention ``attn2``) with a time-plus adapter's weights."""
-
-    def __init__(self, index: int, runtime: Runtime):
-        super().__init__()
-        self.index = index
-        self.runtime = runtime
-        self.layers = nn.ModuleList()
-        self.states: list[AdapterState] = []
-
-    def add(self, layer: nn.Module, state: AdapterState) -> None:
-        self.layers.append(layer)
-        self.states.append(state)
-
-    def remove(self, state: AdapterState) -> None:
-        keep = [(layer, s) for layer, s in zip(self.layers, self.states) if s is not state]
-        self.layers = nn.ModuleList([layer for layer, _ in keep])
-        self.states = [s for _, s in keep]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, ip_hidden_states=None,
                  temb=None):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterState, IPLayer, Runtime, attend, layer_masks, scale_keys_values
+from ..core.attention import AdapterSlots, AdapterState, Runtime, attend, layer_masks, scale_keys_values
 from ..core.config import AdapterConfig, family_label, guess_base_family
 from ..core.errors import IPAdapterError, param
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
@@ -39,24 +39,8 @@ PRESETS: tuple[str, ...] = ("style", "composition")
 DEFAULT_TOKENS = {"global": 4, "plus": 16, "full": 257, "faceid": 4}
 
 
-class IPAttnProcessor(nn.Module):
+class IPAttnProcessor(AdapterSlots):
     """Attention processor for one UNet attention layer carrying one or more adapters' weights."""
-
-    def __init__(self, index: int, runtime: Runtime):
-        super().__init__()
-        self.index = index
-        self.runtime = runtime
-        self.layers = nn.ModuleList()
-        self.states: list[AdapterState] = []
-
-    def add(self, layer: IPLayer, state: AdapterState) -> None:
-        self.layers.append(layer)
-        self.states.append(state)
-
-    def remove(self, state: AdapterState) -> None:
-        keep = [(layer, s) for layer, s in zip(self.layers, self.states) if s is not state]
-        self.layers = nn.ModuleList([layer for layer, _ in keep])
-        self.states = [s for _, s in keep]
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         delta = None

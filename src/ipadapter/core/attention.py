@@ -337,6 +337,27 @@ def scale_keys_values(k: torch.Tensor, v: torch.Tensor, scale: float, mode: str)
     return k * scale, v * scale
 
 
+class AdapterSlots(nn.Module):
+    """What every family's attention processor holds: its layer index, the runtime, and per attached adapter its
+    layer weights and state (added on attach, removed on detach)."""
+
+    def __init__(self, index: int, runtime: Runtime):
+        super().__init__()
+        self.index = index
+        self.runtime = runtime
+        self.layers = nn.ModuleList()
+        self.states: list[AdapterState] = []
+
+    def add(self, layer: nn.Module, state: AdapterState) -> None:
+        self.layers.append(layer)
+        self.states.append(state)
+
+    def remove(self, state: AdapterState) -> None:
+        keep = [(layer, s) for layer, s in zip(self.layers, self.states) if s is not state]
+        self.layers = nn.ModuleList([layer for layer, _ in keep])
+        self.states = [s for _, s in keep]
+
+
 def attend(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, head_dim: int,
             bias: torch.Tensor | None = None) -> torch.Tensor:
     b = query.shape[0]
