@@ -106,10 +106,10 @@ def runtime_of(denoiser: nn.Module) -> Runtime | None:
 def attach(denoiser: nn.Module, adapter: Adapter, source: str = "adapter") -> Adapter:
     """Give ``denoiser`` the adapter's decoupled attention (several adapters may be attached)."""
     family = family_of(denoiser)
-    family.check(adapter.config, denoiser, source)
     attachment = _attachment(denoiser)
-    if attachment is not None and adapter in attachment.adapters:
+    if attachment is not None and adapter in attachment.adapters:  # already there (the trainer's validation)
         return adapter
+    family.check(adapter.config, denoiser, source)
     if attachment is None:
         attachment = _Attachment(denoiser, family)
         object.__setattr__(denoiser, "_ipadapter", attachment)  # plain attribute, not a submodule

@@ -14,6 +14,7 @@ training and the CLI ask the family of the denoiser in hand:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,9 +67,63 @@ class TrainingParts:
 
     denoiser: nn.Module
     variant: str  # the family's own name for the model in hand ("SD 1.x", "SDXL", ...)
-    alphas_cumprod: torch.Tensor  # [T]
-    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    alphas_cumprod: torch.Tensor | None  # [T] (DDPM families; None for flow matching)
+    prediction_type: str  # "epsilon", "v_prediction", "sample" or "flow" (flow matching: the velocity)
     extra: dict = field(default_factory=dict)  # the family's own facts about the model, handed back to its methods
+    schedule: FlowSchedule | None = None  # flow-matching families: the scheduler's sigmas and timesteps
+
+
+@dataclass
+class FlowSchedule:
+    """A flow-matching scheduler's training grid (``FlowMatchEulerDiscreteScheduler`` as built from its config):
+    ``sigmas[i]`` is the noise level of ``timesteps[i]`` (= sigma x num_train_timesteps), i < num_train_timesteps."""
+
+    sigmas: torch.Tensor  # [T] float32
+    timesteps: torch.Tensor  # [T] float32
+
+    @classmethod
+    def from_scheduler(cls, scheduler, device=None) -> FlowSchedule:
+        n = int(scheduler.config.num_train_timesteps)
+        return cls(scheduler.sigmas[:n].to(device, torch.float32), scheduler.timesteps[:n].to(device, torch.float32))
+
+
+#: timestep densities a flow-matching run samples from (diffusers' compute_density_for_timestep_sampling names)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
+#: per-sample loss weightings (diffusers' compute_loss_weighting_for_sd3 names)
+LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+
+
+def flow_matching(x0: torch.Tensor, d: dict, schedule: FlowSchedule, settings: dict):
+    """One flow-matching training step's inputs, as diffusers' Flux/SD3 training examples compute them.
+
+    A density value u in [0, 1) per sample (``settings["timestep_sampling"]``: uniform, logit-normal
+    sigmoid(mean + std x n), or the "mode" density), index i = floor(u x T), sigma = sigmas[i], t = timesteps[i];
+    noisy = (1 - sigma) x0 + sigma noise; the target is the velocity noise - x0. Returns (noisy, t, target,
+    per-sample weighting or None).
+    """
+    T = schedule.sigmas.shape[0]
+    sampling = settings.get("timestep_sampling") or "uniform"
+    if sampling == "logit_normal":
+        u = torch.sigmoid(settings.get("logit_mean", 0.0) + settings.get("logit_std", 1.0) * d["t_normal"])
+    elif sampling == "mode":
+        r = d["t_uniform"]
+        u = 1 - r - settings.get("mode_scale", 1.29) * (torch.cos(math.pi * r / 2) ** 2 - 1 + r)
+    else:
+        u = d["t_uniform"]
+    index = (u * T).long().clamp(0, T - 1).to(schedule.sigmas.device)
+    sigma = schedule.sigmas[index].to(x0.device).view(-1, *[1] * (x0.ndim - 1))
+    timesteps = schedule.timesteps[index].to(x0.device)
+    noise = d["noise"]
+    noisy = (1.0 - sigma) * x0 + sigma * noise
+    target = noise - x0
+    weighting = settings.get("loss_weighting") or "none"
+    if weighting == "sigma_sqrt":
+        weight = sigma.float() ** -2.0
+    elif weighting == "cosmap":
+        weight = 2 / (math.pi * (1 - 2 * sigma.float() + 2 * sigma.float() ** 2))
+    else:
+        weight = None
+    return noisy, timesteps, target, weight
 
 
 class BaseFamily:
@@ -161,3 +216,61 @@ class BaseFamily:
     def added_conditioning(self, feats: dict, uncond: dict, drop_text: torch.Tensor, dtype, extra: dict) -> dict | None:
         """The denoiser's extra conditioning for a training batch (None when it takes none)."""
         return None
+
+    # the defaults below are the UNet family's (DDPM objective); transformer families override them
+    #: the adapter kind a new run trains when none is asked for
+    default_kind: str = "global"
+    #: flow-matching families: the timestep density a run samples from when none is asked for
+    default_timestep_sampling: str = "uniform"
+
+    def train_resolution(self, denoiser: nn.Module, vae_factor: int) -> int:
+        """The training resolution when none is given (the denoiser's native size)."""
+        return int(denoiser.config.sample_size) * vae_factor
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        """Latent sides must be multiples of this (Flux packs 2 x 2 latents into one token; SD3 patches)."""
+        return 1
+
+    def text_elements(self, denoiser: nn.Module, extra: dict) -> int:
+        """Numbers per item the cached text conditioning holds (for the cache size estimate)."""
+        return 77 * int(denoiser.config.cross_attention_dim or 768)
+
+    def cache_facts(self, extra: dict) -> dict:
+        """What else the cached features depend on besides the model folder's files (e.g. the T5 length)."""
+        return {}
+
+    def diffuse(self, x0: torch.Tensor, d: dict, m) -> tuple:
+        """(noisy latents, timesteps, target, per-sample loss weighting or None) of one batch of clean latents
+        ``x0`` and the step's draws ``d``; ``m`` holds the schedule (the trainer's Models: ``alphas_cumprod``,
+        ``prediction_type``, ``schedule``, ``extra``). Default: DDPM noising and the scheduler's prediction type."""
+        a = m.alphas_cumprod[d["t"]].view(-1, 1, 1, 1)
+        noise = d["noise"]
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0,
+                  "sample": x0}[m.prediction_type]
+        return noisy, d["t"], target, None
+
+    def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                added: dict | None, image: torch.Tensor, extra: dict) -> torch.Tensor:
+        """The denoiser's prediction for a training batch (the adapter attached; its tokens set unless they depend
+        on the timestep, then ``image`` holds the features the denoiser hands the adapter)."""
+        return denoiser(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added, return_dict=False)[0]
+
+    def validation_pipeline(self, path, denoiser: nn.Module, extra: dict, frozen) -> Any:
+        """A diffusers pipeline around the training denoiser for validation images (``frozen(module)`` puts a
+        loaded part on the training device and dtype). Default: SD 1.x/2.x or SDXL with DDIM."""
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        p = str(path)
+        parts = dict(vae=frozen(AutoencoderKL.from_pretrained(p, subfolder="vae")),
+                     text_encoder=frozen(CLIPTextModel.from_pretrained(p, subfolder="text_encoder")),
+                     tokenizer=AutoTokenizer.from_pretrained(p, subfolder="tokenizer"),
+                     scheduler=DDIMScheduler.from_pretrained(p, subfolder="scheduler"), unet=denoiser)
+        if extra.get("sdxl"):
+            encoder_2 = CLIPTextModelWithProjection.from_pretrained(p, subfolder="text_encoder_2")
+            parts.update(text_encoder_2=frozen(encoder_2),
+                         tokenizer_2=AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2"))
+            return StableDiffusionXLPipeline(**parts)
+        return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)

@@ -32,7 +32,7 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, Layer
+from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
 
 #: marker widths: what a transformer call's ``ip_adapter_image_embeds`` rows say about the call
 COND, UNCOND = 1, 2
@@ -326,11 +326,131 @@ class FluxFamily(BaseFamily):
 
     def new_config(self, denoiser: nn.Module, kind: str, embed_dim: int, num_tokens: int | None = None,
                    **overrides) -> AdapterConfig:
-        raise IPAdapterError("training Flux adapters is not supported yet (generation with XLabs and InstantX "
-                             "files is)")
+        """A new adapter in the XLabs layout: a CLIP projected embedding -> ``num_tokens`` (4 as XLabs v1; v2 has
+        16) tokens of the T5 width, image K/V with biases on every double block."""
+        if kind != "global":
+            raise IPAdapterError(f"kind {kind!r}: Flux adapters train in the XLabs layout, kind global (a CLIP "
+                                 "ViT-L/14 projected embedding -> image tokens)")
+        double, _, width, joint = _counts(denoiser)
+        unknown = sorted(set(overrides) - {"num_tokens"})
+        if unknown:
+            raise IPAdapterError(f"adapter settings {', '.join(unknown)}: an XLabs Flux adapter has none besides "
+                                 "num_tokens")
+        return AdapterConfig(kind="global", num_tokens=num_tokens or 4, embed_dim=embed_dim, cross_attention_dim=joint,
+                             layer_widths={i: width for i in range(double)}, flavour="xlabs", base_family="flux")
 
-    def load_training_parts(self, path, device: torch.device):
-        raise IPAdapterError(f"--model {path}: training Flux adapters is not supported yet")
+    def init_kv(self, adapter, denoiser: nn.Module) -> None:
+        """Image K/V start as the double block's text K/V seen from the raw T5-wide tokens: the block's
+        ``add_{k,v}_proj`` after the transformer's ``context_embedder`` (W = W_add W_ctx, b = W_add b_ctx + b_add),
+        the paper's initialisation for keys that read T5-wide tokens directly."""
+        ctx = denoiser.context_embedder
+        with torch.no_grad():
+            for index in adapter.config.layer_widths:
+                attn = denoiser.transformer_blocks[index].attn
+                ip = adapter.ip_adapter[str(index)]
+                for mine, theirs in ((ip.to_k_ip, attn.add_k_proj), (ip.to_v_ip, attn.add_v_proj)):
+                    w = theirs.weight.float()
+                    mine.weight.copy_(w @ ctx.weight.float())
+                    mine.bias.copy_(w @ ctx.bias.float() + theirs.bias.float())
+
+    # -------------------------------------------------------------------------------------------- training
+    def load_training_parts(self, path, device: torch.device) -> TrainingParts:
+        """The frozen transformer and its flow-matching schedule (the scheduler's sigmas as built from its config,
+        without the dynamic shift, as diffusers' Flux training examples use them)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+        try:
+            transformer = FluxTransformer2DModel.from_pretrained(str(path), subfolder="transformer")
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
+        except Exception as e:  # noqa: BLE001 - a broken folder is bad input
+            raise IPAdapterError(f"--model {path}: cannot load the Flux transformer or scheduler "
+                                 f"({' '.join(str(e).split())[:150]})") from None
+        transformer = transformer.requires_grad_(False).eval().to(device)
+        return TrainingParts(transformer, self.label(transformer), None, "flow", {},
+                             FlowSchedule.from_scheduler(scheduler, device))
+
+    def load_text_encoders(self, path, extra: dict) -> tuple[list, list]:
+        """CLIP (its pooled output) and T5 (its sequence, ``max_sequence_length`` tokens)."""
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        tokenizers = [AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer"),
+                      AutoTokenizer.from_pretrained(str(path), subfolder="tokenizer_2")]
+        tokenizers[1].model_max_length = int(extra.get("max_sequence_length", 77))
+        encoders = [CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder"),
+                    T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder_2")]
+        return tokenizers, encoders
+
+    @torch.no_grad()
+    def encode_text(self, encoders, ids, device, extra: dict) -> dict:
+        """FluxPipeline's text conditioning: T5's last hidden state, CLIP's pooled output."""
+        pooled = encoders[0](ids[0].to(device), output_hidden_states=False).pooler_output
+        text = encoders[1](ids[1].to(device), output_hidden_states=False)[0]
+        return {"text": text.float(), "pooled": pooled.float()}
+
+    def added_conditioning(self, feats: dict, uncond: dict, drop_text: torch.Tensor, dtype, extra: dict) -> dict:
+        pooled = torch.where(drop_text[:, None], uncond["pooled"].to(feats["pooled"]), feats["pooled"])
+        return {"pooled_projections": pooled.to(dtype)}
+
+    def train_resolution(self, denoiser: nn.Module, vae_factor: int) -> int:
+        return 128 * vae_factor  # FluxPipeline's default_sample_size
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        return 2  # 2 x 2 latents are one token
+
+    def text_elements(self, denoiser: nn.Module, extra: dict) -> int:
+        c = denoiser.config
+        return int(extra.get("max_sequence_length", 77)) * int(c.joint_attention_dim) + int(c.pooled_projection_dim)
+
+    def cache_facts(self, extra: dict) -> dict:
+        return {"max_sequence_length": int(extra.get("max_sequence_length", 77))}
+
+    def diffuse(self, x0: torch.Tensor, d: dict, m) -> tuple:
+        return flow_matching(x0, d, m.schedule, m.extra.get("objective", {}))
+
+    def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                added: dict | None, image: torch.Tensor, extra: dict) -> torch.Tensor:
+        """FluxPipeline's transformer call on 2 x 2-packed latents: image/text position ids, t / 1000, and the
+        guidance embedding (``guidance_scale``) on guidance-distilled transformers; the prediction unpacked."""
+        b, _, h, w = noisy.shape
+        guidance = None
+        if denoiser.config.guidance_embeds:
+            value = float(extra.get("objective", {}).get("guidance_scale", 3.5))
+            guidance = torch.full((b,), value, device=noisy.device, dtype=torch.float32)
+        pred = denoiser(hidden_states=pack_latents(noisy), timestep=timesteps / 1000, guidance=guidance,
+                        pooled_projections=added["pooled_projections"], encoder_hidden_states=text,
+                        txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=text.dtype),
+                        img_ids=latent_ids(h // 2, w // 2, noisy.device, text.dtype), return_dict=False)[0]
+        return unpack_latents(pred, h, w)
+
+    def validation_pipeline(self, path, denoiser: nn.Module, extra: dict, frozen):
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(str(path), transformer=denoiser, image_encoder=None,
+                                            feature_extractor=None)
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            frozen(getattr(pipe, name))
+        return pipe
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] latents -> [B, H/2 x W/2, 4C] tokens (each 2 x 2 patch one token, row-major), as FluxPipeline."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` for latents of ``h`` x ``w``."""
+    b, _, packed = tokens.shape
+    c = packed // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def latent_ids(rows: int, cols: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Position ids [rows x cols, 3] of the packed image tokens: (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    ids[..., 1] += torch.arange(rows, device=device, dtype=dtype)[:, None]
+    ids[..., 2] += torch.arange(cols, device=device, dtype=dtype)[None, :]
+    return ids.reshape(rows * cols, 3)
 
 
 FLUX = FluxFamily()

@@ -22,7 +22,7 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, Layer
+from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
 
 
 class StepTokens:
@@ -267,6 +267,97 @@ class SD3Family(BaseFamily):
 
     def default_size(self, pipe) -> int:
         return int(pipe.transformer.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+
+    # -------------------------------------------------------------------------------------------- training
+    default_kind = "time-plus"
+    default_timestep_sampling = "logit_normal"  # diffusers' SD3 training example's default weighting_scheme
+
+    def load_training_parts(self, path, device: torch.device) -> TrainingParts:
+        """The frozen transformer and its flow-matching schedule (the scheduler's shifted sigmas)."""
+        import json
+        from pathlib import Path
+
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        try:
+            transformer = SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer")
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
+        except Exception as e:  # noqa: BLE001 - a broken folder is bad input
+            raise IPAdapterError(f"--model {path}: cannot load the SD3 transformer or scheduler "
+                                 f"({' '.join(str(e).split())[:150]})") from None
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        t5 = bool((index.get("text_encoder_3") or [None])[0])
+        transformer = transformer.requires_grad_(False).eval().to(device)
+        return TrainingParts(transformer, self.label(transformer), None, "flow",
+                             {"t5": t5, "joint_dim": int(transformer.config.joint_attention_dim)},
+                             FlowSchedule.from_scheduler(scheduler, device))
+
+    def load_text_encoders(self, path, extra: dict) -> tuple[list, list]:
+        """CLIP-L and CLIP-G (penultimate states + pooled), and T5 when the folder has it."""
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        names = ("", "_2", "_3") if extra.get("t5") else ("", "_2")
+        tokenizers = [AutoTokenizer.from_pretrained(str(path), subfolder=f"tokenizer{n}") for n in names]
+        encoders = [CLIPTextModelWithProjection.from_pretrained(str(path), subfolder=f"text_encoder{n}")
+                    for n in names[:2]]
+        if extra.get("t5"):
+            tokenizers[2].model_max_length = int(extra.get("max_sequence_length", 77))
+            encoders.append(T5EncoderModel.from_pretrained(str(path), subfolder="text_encoder_3"))
+        return tokenizers, encoders
+
+    @torch.no_grad()
+    def encode_text(self, encoders, ids, device, extra: dict) -> dict:
+        """StableDiffusion3Pipeline's conditioning: both CLIPs' penultimate states side by side, zero-padded to the
+        T5 width, then T5's sequence (zeros of the CLIP length without T5); the two pooled outputs side by side."""
+        states, pooled = [], []
+        for encoder, tokens in zip(encoders[:2], ids[:2]):
+            out = encoder(tokens.to(device), output_hidden_states=True)
+            pooled.append(out[0])
+            states.append(out.hidden_states[-2])
+        clip = torch.cat(states, -1)
+        joint = int(extra["joint_dim"])
+        if len(encoders) > 2:
+            t5 = encoders[2](ids[2].to(device))[0]
+        else:
+            t5 = torch.zeros(clip.shape[0], clip.shape[1], joint, device=clip.device, dtype=clip.dtype)
+        clip = F.pad(clip, (0, joint - clip.shape[-1]))
+        return {"text": torch.cat([clip, t5.to(clip.dtype)], dim=-2).float(), "pooled": torch.cat(pooled, -1).float()}
+
+    def added_conditioning(self, feats: dict, uncond: dict, drop_text: torch.Tensor, dtype, extra: dict) -> dict:
+        pooled = torch.where(drop_text[:, None], uncond["pooled"].to(feats["pooled"]), feats["pooled"])
+        return {"pooled_projections": pooled.to(dtype)}
+
+    def latent_multiple(self, denoiser: nn.Module) -> int:
+        return int(denoiser.config.patch_size)
+
+    def text_elements(self, denoiser: nn.Module, extra: dict) -> int:
+        c = denoiser.config
+        t5 = int(extra.get("max_sequence_length", 77)) if extra.get("t5") else 77
+        return (77 + t5) * int(c.joint_attention_dim) + int(c.pooled_projection_dim)
+
+    def cache_facts(self, extra: dict) -> dict:
+        return {"max_sequence_length": int(extra.get("max_sequence_length", 77)), "t5": bool(extra.get("t5"))}
+
+    def diffuse(self, x0: torch.Tensor, d: dict, m) -> tuple:
+        return flow_matching(x0, d, m.schedule, m.extra.get("objective", {}))
+
+    def denoise(self, denoiser: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                added: dict | None, image: torch.Tensor, extra: dict) -> torch.Tensor:
+        """The pipeline's transformer call; the SigLIP features go in as ``ip_adapter_image_embeds``, so the
+        transformer runs the time-conditioned resampler (:class:`StepTokens`) on this very timestep."""
+        return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text,
+                        pooled_projections=added["pooled_projections"],
+                        joint_attention_kwargs={"ip_adapter_image_embeds": image}, return_dict=False)[0]
+
+    def validation_pipeline(self, path, denoiser: nn.Module, extra: dict, frozen):
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), transformer=denoiser, image_encoder=None,
+                                                        feature_extractor=None)
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name, None) is not None:
+                frozen(getattr(pipe, name))
+        return pipe
 
 
 def _attached_states(denoiser: nn.Module) -> list[AdapterState]:

@@ -12,20 +12,22 @@ from ..training.train import KINDS, TrainConfig, train
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    t = subparsers.add_parser("train", help="train an adapter (any kind; SD 1.x or SDXL; 1 CPU to many GPUs)",
+    t = subparsers.add_parser("train", help="train an adapter (any kind; SD 1.x, SDXL, FLUX.1, SD3.5; 1 CPU to many "
+                                            "GPUs)",
                               description="Train an IP-Adapter. Settings come from --config (JSON), then the flags; "
                                           "launch with `accelerate launch -m ipadapter.cli train ...` for several "
                                           "GPUs.")
     t.add_argument("--config", help="JSON file of TrainConfig settings (see configs/)")
-    t.add_argument("--model", help="diffusers model folder or single .safetensors/.ckpt file (SD 1.x or SDXL; "
-                                   "default: the embedded world model, ipadapter.embedded_model())")
+    t.add_argument("--model", help="diffusers model folder (SD 1.x, SDXL, FLUX.1, SD3/SD3.5) or single "
+                                   ".safetensors/.ckpt file (SD 1.x or SDXL); default: the embedded world model, "
+                                   "ipadapter.embedded_model()")
     t.add_argument("--model-config", metavar="DIR_OR_HUB_ID",
                    help="for a single-file --model: a diffusers folder or hub id of the same family (its configs)")
     t.add_argument("--data", help=".json/.jsonl list, folder of images + .txt captions, or .tar shards")
     t.add_argument("--data-root", help="folder the JSON list's paths are relative to")
     t.add_argument("--output", help="output folder: ip-adapter.safetensors, checkpoints/, logs/")
-    t.add_argument("--kind", choices=KINDS)
-    t.add_argument("--image-encoder", help="CLIP vision folder (default MODEL/image_encoder)")
+    t.add_argument("--kind", choices=KINDS, help="default: global (UNets; Flux in the XLabs layout), time-plus (SD3.5)")
+    t.add_argument("--image-encoder", help="CLIP vision folder (SD3.5: SigLIP; default MODEL/image_encoder)")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, help="per process")
     t.add_argument("--resolution", type=int)

@@ -1,4 +1,5 @@
-"""``ipadapter train``: one trainer for every adapter kind (global, plus, full, faceid) and base (SD 1.x, SDXL).
+"""``ipadapter train``: one trainer for every adapter kind (global, plus, full, faceid, time-plus) and base family
+(SD 1.x/2.x and SDXL UNets with their DDPM objective; FLUX.1 and SD3/SD3.5 transformers with flow matching).
 
 A batch from disk to loss, in reading order:
 
@@ -10,7 +11,8 @@ A batch from disk to loss, in reading order:
 4. Features of those items: gathered from the cache (``cache.py``; built once by :func:`encode`) or computed now
    by :func:`encode` from ``data.ImageTextDataset``'s decoded pixels and tokens.
 5. :func:`loss_for` - noise, timestep and condition dropout from :func:`step_draws` (seeded by ``k``, so a resumed
-   or differently-sharded run draws the same), then MSE on the scheduler's prediction type.
+   or differently-sharded run draws the same); the family noises the latents (``diffuse``: DDPM for UNets, flow
+   matching for transformers) and calls its denoiser (``denoise``); MSE on the family's target.
 6. :func:`train` - the loop: accumulate, clip, step, EMA; log, validate, checkpoint atomically; resume.
 
 The same code runs on a laptop CPU, one GPU or many (``accelerate launch``; DDP, DeepSpeed ZeRO-2, FSDP).
@@ -38,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bases import FAMILIES, BaseFamily, attach, family_for_index, new_adapter, runtime_of
+from ..bases import FAMILIES, BaseFamily, attach, family_for_index, family_of, runtime_of
+from ..bases.base import LOSS_WEIGHTING, TIMESTEP_SAMPLING
 from ..bases.unet import UNET
 from ..core.adapter import Adapter
 from ..core.encoders import Features, ImageEncoder
@@ -46,9 +49,10 @@ from ..core.errors import IPAdapterError
 from ..core.files import publish
 from . import data as D
 
-KINDS = ("global", "plus", "full", "faceid")
+KINDS = ("global", "plus", "full", "faceid", "time-plus")
 #: which ``Features`` field each kind's projection reads
-FEATURE = {"global": "image_embeds", "plus": "penultimate", "full": "penultimate", "faceid": "face_id"}
+FEATURE = {"global": "image_embeds", "plus": "penultimate", "full": "penultimate", "faceid": "face_id",
+           "time-plus": "penultimate"}
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -57,7 +61,7 @@ class TrainConfig:
     """Every setting of a run. Defaults are the paper's recipe (AdamW 1e-4, wd 0.01, 5/5/5% dropout)."""
 
     # what to train
-    model: str = ""  # diffusers model folder (SD 1.x or SDXL), with image_encoder/ or give image_encoder
+    model: str = ""  # diffusers model folder (SD 1.x/2.x, SDXL, FLUX.1, SD3/SD3.5), with image_encoder/ or give one
     model_config: str | None = None  # single-file model: a diffusers folder or hub id of its family (CLI converts)
     data: str = ""  # .json/.jsonl list, images + .txt, webdataset shards, a datasets folder or parquet (data.py)
     output: str = ""
@@ -66,8 +70,8 @@ class TrainConfig:
     caption_column: str | None = None  # ... and the caption column (default: text, caption, prompt, txt)
     streaming: bool = False  # datasets: stream the rows (written once to data_cache) instead of memory-mapping
     data_cache: str | None = None  # compressed/remote shards, streamed rows, uncompressed (default OUTPUT/data-cache)
-    kind: str = "global"
-    image_encoder: str | None = None  # default MODEL/image_encoder
+    kind: str | None = None  # default: the family's (global: UNets, Flux's XLabs layout; time-plus: SD3.5 InstantX)
+    image_encoder: str | None = None  # default MODEL/image_encoder (Flux: CLIP ViT-L/14; SD3.5: SigLIP)
     num_tokens: int | None = None  # default 4 (global, faceid), 16 (plus), all patches (full)
     adapter: dict = field(default_factory=dict)  # other AdapterConfig fields, e.g. {"resampler_depth": 2}
     # data
@@ -95,6 +99,14 @@ class TrainConfig:
     mixed_precision: str | None = None  # "no", "bf16", "fp16" (frozen weights in that type, adapter fp32,
     #                                     autocast); None: what `accelerate launch` says, else "no"
     gradient_checkpointing: bool = False
+    # flow matching (Flux, SD3): as diffusers' training examples
+    timestep_sampling: str | None = None  # uniform, logit_normal or mode (default: Flux uniform, SD3 logit_normal)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"  # or sigma_sqrt, cosmap
+    guidance_scale: float = 3.5  # Flux: the guidance embedding of guidance-distilled transformers (FLUX.1-dev)
+    max_sequence_length: int = 77  # T5 tokens of each caption (Flux, SD3)
     seed: int = 0
     device: str | None = None  # "cpu" forces the CPU; default: what accelerate picks
     # feature cache
@@ -150,10 +162,10 @@ class TrainConfig:
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise IPAdapterError(f"--{name} is required (or \"{name}\" in the config file)")
-        if self.kind not in KINDS:
+        if self.kind is not None and self.kind not in KINDS:
             raise IPAdapterError(f"--kind {self.kind}: trainable kinds are {', '.join(KINDS)}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "validation_steps",
-                     "cache_shard_size", "keep_checkpoints"):
+                     "cache_shard_size", "keep_checkpoints", "max_sequence_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -162,7 +174,8 @@ class TrainConfig:
         if any(not 0 <= p <= 1 for p in drops) or sum(drops) > 1:
             raise IPAdapterError(f"drop_image/drop_text/drop_both = {drops}: each in [0, 1], together at most 1")
         choices = {"mixed_precision": (None, "no", "bf16", "fp16"), "lr_schedule": ("constant", "cosine"),
-                   "cache_dtype": ("float32", "float16", "bfloat16")}
+                   "cache_dtype": ("float32", "float16", "bfloat16"), "timestep_sampling": (None, *TIMESTEP_SAMPLING),
+                   "loss_weighting": LOSS_WEIGHTING}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 shown = ", ".join(str(a) for a in allowed if a is not None)
@@ -174,6 +187,9 @@ class TrainConfig:
         if self.ema_decay and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
             raise IPAdapterError("ema_decay with FSDP: the EMA copy would hold parameter shards; use DDP or "
                                  "DeepSpeed ZeRO-2 (configs/), or turn EMA off")
+        if not (self.logit_std > 0 and math.isfinite(self.logit_mean) and math.isfinite(self.guidance_scale)):
+            raise IPAdapterError(f"logit_mean/logit_std/guidance_scale = {self.logit_mean}/{self.logit_std}/"
+                                 f"{self.guidance_scale}: finite numbers, logit_std > 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise IPAdapterError(f"max_bad_fraction = {self.max_bad_fraction}: must be in [0, 1]")
         return self
@@ -187,8 +203,8 @@ class Models:
     path: Path
     unet: nn.Module
     sdxl: bool
-    alphas_cumprod: torch.Tensor  # [T] on the device
-    prediction_type: str  # "epsilon", "v_prediction" or "sample"
+    alphas_cumprod: torch.Tensor | None  # [T] on the device (DDPM families)
+    prediction_type: str  # "epsilon", "v_prediction", "sample" or "flow" (flow matching)
     scaling: float  # latents = (VAE sample - shift) * scaling
     shift: float
     vae_factor: int
@@ -202,6 +218,11 @@ class Models:
     family: BaseFamily = field(default_factory=lambda: UNET)  # the family that loaded the denoiser and conditions it
     variant: str = ""  # its name for the model ("SD 1.5", "SDXL", "custom UNet", ...)
     extra: dict = field(default_factory=dict)  # the family's facts about the model (TrainingParts.extra)
+    schedule: object | None = None  # flow-matching families: the scheduler's sigmas/timesteps (bases.FlowSchedule)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int((self.alphas_cumprod if self.schedule is None else self.schedule.sigmas).shape[0])
 
 
 def _read_json(path: Path) -> dict:
@@ -221,11 +242,18 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         raise IPAdapterError(f"--model {path}: not a model IP-Adapter trains here (supported: "
                              f"{'; '.join(f.title for f in FAMILIES)})")
     parts = family.load_training_parts(path, device)
+    if parts.prediction_type != "flow" and cfg.timestep_sampling is not None:
+        raise IPAdapterError(f"timestep_sampling = {cfg.timestep_sampling!r}: a flow-matching setting (Flux, SD3); "
+                             f"{parts.variant} trains on its DDPM schedule")
     vae = _read_json(path / "vae" / "config.json")
+    extra = dict(parts.extra, max_sequence_length=cfg.max_sequence_length, objective={
+        "timestep_sampling": cfg.timestep_sampling or family.default_timestep_sampling, "logit_mean": cfg.logit_mean,
+        "logit_std": cfg.logit_std, "mode_scale": cfg.mode_scale, "loss_weighting": cfg.loss_weighting,
+        "guidance_scale": cfg.guidance_scale})
     return Models(path, parts.denoiser, bool(parts.extra.get("sdxl")), parts.alphas_cumprod, parts.prediction_type,
                   float(vae.get("scaling_factor", 0.18215)), float(vae.get("shift_factor") or 0.0),
                   2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1), device, dtype, family=family,
-                  variant=parts.variant, extra=parts.extra)
+                  variant=parts.variant, extra=extra, schedule=parts.schedule)
 
 
 def load_encoders(m: Models, cfg: TrainConfig, need_image: bool) -> None:
@@ -279,7 +307,10 @@ def clip_processor(cfg: TrainConfig, m: Models):
         return None
     from ..core.encoders import encoder_processor
 
-    return encoder_processor(image_encoder_dir(cfg), fallback=_model_feature_extractor(m))
+    folder = image_encoder_dir(cfg)
+    if "siglip" in str(_read_json(folder / "config.json").get("model_type", "")):  # SigLIP's own rule (encoders.py)
+        return (m.image_encoder or load_image_encoder(m, cfg)).processor
+    return encoder_processor(folder, fallback=_model_feature_extractor(m))
 
 
 def load_image_encoder(m: Models, cfg: TrainConfig) -> ImageEncoder:
@@ -290,18 +321,33 @@ def load_image_encoder(m: Models, cfg: TrainConfig) -> ImageEncoder:
 
 
 def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
-    """A new adapter shaped for the UNet and the encoder feature its kind reads; K/V copied from text K/V."""
-    overrides = dict(cfg.adapter)
-    if cfg.kind == "faceid":
-        embed, tokens = 512, cfg.num_tokens
-    else:
-        from transformers import CLIPVisionConfig
+    """A new adapter shaped for the denoiser (by its family) and the encoder feature its kind reads; K/V
+    initialised from the text K/V (the family's ``init_kv``)."""
+    from types import SimpleNamespace
 
-        enc = CLIPVisionConfig.from_pretrained(str(image_encoder_dir(cfg)))
-        embed = enc.projection_dim if cfg.kind == "global" else enc.hidden_size
-        tokens = cfg.num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if cfg.kind == "full" else None)
+    kind = cfg.kind or family_of(unet).default_kind
+    overrides = dict(cfg.adapter)
+    if kind == "faceid":
+        embed, tokens, enc = 512, cfg.num_tokens, None
+    else:
+        from transformers import AutoConfig
+
+        enc = AutoConfig.from_pretrained(str(image_encoder_dir(cfg)))
+        enc = getattr(enc, "vision_config", None) or enc
+        embed = getattr(enc, "projection_dim", None) if kind == "global" else enc.hidden_size
+        tokens = cfg.num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if kind == "full" else None)
+    family = family_of(unet)
+    config = family.new_config(unet, kind, embed or 0, tokens, **overrides)  # first: does the kind fit the model?
+    family.check(config, unet, f"--kind {kind}")
+    if not embed:
+        raise IPAdapterError(f"--image-encoder {image_encoder_dir(cfg)}: a {kind} adapter reads a projected "
+                             "embedding; this encoder has none (use a CLIPVisionModelWithProjection folder)")
     torch.manual_seed(cfg.seed)  # the projection's initial weights
-    return new_adapter(unet, cfg.kind, embed_dim=embed, num_tokens=tokens, **overrides)
+    adapter = Adapter(config)
+    family.init_kv(adapter, unet)
+    if enc is not None:
+        adapter.check_encoder(SimpleNamespace(config=enc), f"--image-encoder {image_encoder_dir(cfg)}")
+    return adapter
 
 
 # -------------------------------------------------------------------------------------------------- features
@@ -362,17 +408,20 @@ class Trainee(nn.Module):
     One module so that ``accelerator.prepare`` wraps both and DDP synchronises just the adapter's gradients.
     """
 
-    def __init__(self, unet: nn.Module, adapter: Adapter):
+    def __init__(self, unet: nn.Module, adapter: Adapter, family: BaseFamily | None = None,
+                 extra: dict | None = None):
         super().__init__()
         self.unet, self.adapter = unet, adapter
         self.feature = FEATURE[adapter.config.kind]
+        self.family = family or family_of(unet)
+        self.extra = extra or {}
 
     def forward(self, noisy, timesteps, text, image, added_cond=None) -> torch.Tensor:
-        tokens = self.adapter.project(Features(**{self.feature: image}))  # cond-only tokens [B, T, C]
-        # every layer's image K/V, computed once here - outside any gradient-checkpointed block
-        self.adapter.state.set_tokens(tokens)
-        return self.unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added_cond,
-                         return_dict=False)[0]
+        if not self.adapter.config.time_conditioned:  # time-conditioned tokens are made inside, from the timestep
+            tokens = self.adapter.project(Features(**{self.feature: image}))  # cond-only tokens [B, T, C]
+            # every layer's image K/V, computed once here - outside any gradient-checkpointed block
+            self.adapter.state.set_tokens(tokens)
+        return self.family.denoise(self.unet, noisy, timesteps, text, added_cond, image, self.extra)
 
 
 def step_draws(gen: torch.Generator, seed: int, k: int, global_batch: int, shape: tuple, num_timesteps: int,
@@ -387,17 +436,18 @@ def step_draws(gen: torch.Generator, seed: int, k: int, global_batch: int, shape
     draws = {"noise": torch.randn((global_batch, *shape), generator=gen, device=dev),
              "vae_eps": torch.randn((global_batch, *shape), generator=gen, device=dev),
              "t": torch.randint(0, num_timesteps, (global_batch,), generator=gen, device=dev),
-             "u": torch.rand(global_batch, generator=gen, device=dev)}
+             "u": torch.rand(global_batch, generator=gen, device=dev),
+             # flow matching's timestep densities read these (drawn after the others: DDPM runs draw as before)
+             "t_uniform": torch.rand(global_batch, generator=gen, device=dev),
+             "t_normal": torch.randn(global_batch, generator=gen, device=dev)}
     return {name: t[rows] for name, t in draws.items()}
 
 
 def loss_for(model: nn.Module, m: Models, cfg: TrainConfig, feats: dict, uncond: dict, d: dict) -> torch.Tensor:
-    """MSE between the UNet's prediction and the scheduler's target on one batch of features."""
+    """MSE between the denoiser's prediction and the family's target on one batch of features (DDPM: the
+    scheduler's prediction type; flow matching: the velocity noise - x0, optionally weighted per sample)."""
     x0 = (feats["latent_mean"] + feats["latent_std"] * d["vae_eps"] - m.shift) * m.scaling
-    a = m.alphas_cumprod[d["t"]].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * d["noise"]
-    target = {"epsilon": d["noise"], "v_prediction": a.sqrt() * d["noise"] - (1 - a).sqrt() * x0,
-              "sample": x0}[m.prediction_type]
+    noisy, timesteps, target, weighting = m.family.diffuse(x0, d, m)
     # one draw per sample: [0, pi) image dropped, [pi, pi+pt) text dropped, [pi+pt, pi+pt+pb) both
     u, pi, pt, pb = d["u"], cfg.drop_image, cfg.drop_text, cfg.drop_both
     drop_image = (u < pi) | ((u >= pi + pt) & (u < pi + pt + pb))
@@ -406,8 +456,10 @@ def loss_for(model: nn.Module, m: Models, cfg: TrainConfig, feats: dict, uncond:
     image = torch.where(drop_image.view(-1, *[1] * (image.ndim - 1)), uncond["image"].to(image), image)
     text = torch.where(drop_text[:, None, None], uncond["text"].to(feats["text"]), feats["text"]).to(m.dtype)
     added = m.family.added_conditioning(feats, uncond, drop_text, m.dtype, m.extra)
-    pred = model(noisy, d["t"], text, image, added)
-    return F.mse_loss(pred.float(), target.float())
+    pred = model(noisy, timesteps, text, image, added)
+    if weighting is None:
+        return F.mse_loss(pred.float(), target.float())
+    return (weighting.float() * (pred.float() - target.float()) ** 2).mean()
 
 
 # ------------------------------------------------------------------------------------------------- the data
@@ -430,7 +482,8 @@ def feature_cache(cfg: TrainConfig, m: Models, records: list, buckets: list, num
     def ident(p: Path) -> list:
         return [str(p.resolve()), *((p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else ())]
 
-    weights = [ident(f) for sub in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    weights = [ident(f) for sub in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                                    "tokenizer_2", "tokenizer_3")
                for f in sorted((m.path / sub).glob("*")) if f.is_file()]
     if cfg.kind != "faceid":
         enc = image_encoder_dir(cfg)
@@ -443,7 +496,8 @@ def feature_cache(cfg: TrainConfig, m: Models, records: list, buckets: list, num
             "records": _digest(f"{r.name}\t{r.text}\t{r.face if isinstance(r.face, D.Blob) else bool(r.face)}"
                                + (f"\t{r.prompt.name}" if r.prompt is not None else "") for r in records),
             "feature": FEATURE[cfg.kind], "buckets": buckets,
-            "flip": cfg.random_flip, "dtype": cfg.cache_dtype, "frozen_dtype": str(m.dtype)}
+            "flip": cfg.random_flip, "dtype": cfg.cache_dtype, "frozen_dtype": str(m.dtype),
+            **({"text": text} if (text := m.family.cache_facts(m.extra)) else {})}
     return FeatureCache(root, info, num_items, cfg.cache_shard_size)
 
 
@@ -461,7 +515,7 @@ def estimate_cache_bytes(cfg: TrainConfig, m: Models, buckets: list) -> float:
     h, w = buckets[0]
     channels = _read_json(m.path / "vae" / "config.json").get("latent_channels", 4)
     latents = 2 * channels * (h // m.vae_factor) * (w // m.vae_factor) * (2 if cfg.random_flip else 1)
-    text = 77 * int(m.unet.config.cross_attention_dim or 768)
+    text = m.family.text_elements(m.unet, m.extra)
     if cfg.kind == "faceid":
         image = 512
     else:
@@ -707,6 +761,7 @@ class Run:
     scheduler: object | None = None
     ema: list | None = None
     sharded_state: bool = False
+    multiple: int = 1  # image sides are multiples of this (VAE factor x the family's latent multiple)
     # resume / run_loop
     step: int = 0
     last_saved: int | None = None
@@ -729,9 +784,12 @@ def setup_models(run: Run) -> None:
     """The frozen UNet in the compute type, and the new adapter (fp32 master weights) attached to it."""
     cfg, log = run.cfg, run.log
     m = run.m = load_models(cfg, run.device, run.frozen)
-    cfg.resolution = cfg.resolution or int(m.unet.config.sample_size) * m.vae_factor
-    if cfg.resolution % m.vae_factor:
-        raise IPAdapterError(f"--resolution {cfg.resolution}: must be a multiple of {m.vae_factor} for this VAE")
+    cfg.kind = cfg.kind or m.family.default_kind
+    cfg.resolution = cfg.resolution or m.family.train_resolution(m.unet, m.vae_factor)
+    run.multiple = m.vae_factor * m.family.latent_multiple(m.unet)
+    if cfg.resolution % run.multiple:
+        raise IPAdapterError(f"--resolution {cfg.resolution}: must be a multiple of {run.multiple} for this model "
+                             f"({m.variant})")
     adapter = run.adapter = make_adapter(cfg, m.unet)
     attach(m.unet, adapter)
     if cfg.gradient_checkpointing:
@@ -740,7 +798,8 @@ def setup_models(run: Run) -> None:
         m.unet.to(dtype=run.frozen)  # the frozen weights in the compute type; the adapter stays fp32 (master weights)
     adapter.float().requires_grad_(True)
     run.params = list(adapter.parameters())
-    log(f"model {m.path} ({m.variant}, {m.prediction_type}); {adapter.config.describe()}, "
+    objective = "flow matching" if m.prediction_type == "flow" else m.prediction_type
+    log(f"model {m.path} ({m.variant}, {objective}); {adapter.config.describe()}, "
         f"{sum(p.numel() for p in run.params):,} trainable parameters; {run.world} process(es) on {run.device}")
 
 
@@ -752,7 +811,7 @@ def setup_data(run: Run) -> None:
     total = run.total = len(records) + bad.count
     bad.check(total, cfg.max_bad_fraction, f"--data {cfg.data}")
     use_buckets = m.sdxl if cfg.buckets is None else cfg.buckets
-    buckets = D.make_buckets(cfg.resolution, m.vae_factor) if use_buckets else [(cfg.resolution, cfg.resolution)]
+    buckets = D.make_buckets(cfg.resolution, run.multiple) if use_buckets else [(cfg.resolution, cfg.resolution)]
     transform = run.transform = D.Transform(buckets, [], None, cfg.kind == "faceid", cfg.random_crop,
                                             cfg.random_flip, cfg.seed)
     cache = run.cache = feature_cache(cfg, m, records, buckets, len(records))
@@ -789,7 +848,7 @@ def setup_data(run: Run) -> None:
 def setup_optimizer(run: Run) -> None:
     """Optimiser, schedule, EMA; accelerate wraps model + optimiser + schedule (DDP syncs the adapter's grads)."""
     cfg = run.cfg
-    model = Trainee(run.m.unet, run.adapter)
+    model = Trainee(run.m.unet, run.adapter, run.m.family, run.m.extra)
     optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
 
@@ -915,7 +974,7 @@ def run_loop(run: Run) -> None:
     writer = _tensorboard(run.out, run.log) if run.main and cfg.tensorboard else None
     rows = slice(run.rank * cfg.batch_size, (run.rank + 1) * cfg.batch_size)
     gen = torch.Generator(run.device)
-    T = run.m.alphas_cumprod.shape[0]
+    T = run.m.num_timesteps
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (run.main and cfg.progress), file=sys.stderr)
     run.log.bar = bar
@@ -1075,9 +1134,6 @@ def _tensorboard(out: Path, log):
 @torch.no_grad()
 def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int, writer, log, accelerator) -> None:
     """Generate for the fixed prompt images with the current (EMA) weights; log the images and their CLIP-I."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
     from ..core.encoders import load_image
     from ..generation.pipeline import IPAdapter, save_png
 
@@ -1087,21 +1143,7 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
     if m.image_encoder is None:  # trained from the cache: load the encoders the first time they are needed
         load_image_encoder(m, cfg)
     if m.pipeline is None:
-        from diffusers import AutoencoderKL
-
-        p = str(m.path)
-        parts = dict(vae=frozen(AutoencoderKL.from_pretrained(p, subfolder="vae"), m.device, m.dtype),
-                     text_encoder=frozen(CLIPTextModel.from_pretrained(p, subfolder="text_encoder"), m.device, m.dtype),
-                     tokenizer=AutoTokenizer.from_pretrained(p, subfolder="tokenizer"),
-                     scheduler=DDIMScheduler.from_pretrained(p, subfolder="scheduler"), unet=model.unet)
-        if m.sdxl:
-            parts.update(text_encoder_2=frozen(CLIPTextModelWithProjection.from_pretrained(
-                p, subfolder="text_encoder_2"), m.device, m.dtype),
-                tokenizer_2=AutoTokenizer.from_pretrained(p, subfolder="tokenizer_2"))
-            pipe = StableDiffusionXLPipeline(**parts)
-        else:
-            pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        pipe = m.family.validation_pipeline(m.path, model.unet, m.extra, lambda part: frozen(part, m.device, m.dtype))
         pipe.set_progress_bar_config(disable=True)
         m.pipeline = pipe.to(m.device)
     pipe = m.pipeline
@@ -1123,7 +1165,9 @@ def validate(cfg: TrainConfig, m: Models, model: Trainee, ema, params, step: int
                                     num_inference_steps=cfg.validation_steps, seed=i, height=cfg.resolution,
                                     width=cfg.resolution)[0]
                 save_png(image, folder / f"{i:02d}.png", f"step {step}, prompt image {file}")
-                emb = m.image_encoder.model(m.image_encoder.pixels([image, prompt])).image_embeds.float()
+                out = m.image_encoder.model(m.image_encoder.pixels([image, prompt]))
+                emb = getattr(out, "image_embeds", None)
+                emb = (out.pooler_output if emb is None else emb).float()  # SigLIP: its pooled output
                 scores.append(float(F.cosine_similarity(emb[0:1], emb[1:2]).item()))
                 if writer is not None:
                     arr = torch.from_numpy(np.array(image)).permute(2, 0, 1)
