@@ -45,7 +45,7 @@ def _step_inputs(family: str, tmp_path, **overrides):
     g = torch.Generator().manual_seed(1)
     c = m.unet.config
     text_dim, pooled_dim = c.joint_attention_dim, c.pooled_projection_dim
-    image = torch.randn(2, 48, generator=g) if family == "flux" else torch.randn(2, 17, 48, generator=g)
+    image = torch.randn(2, 48, generator=g) if family != "sd3" else torch.randn(2, 17, 48, generator=g)
     feats = {"latent_mean": torch.randn(2, 4, 8, 8, generator=g), "latent_std": torch.rand(2, 4, 8, 8, generator=g),
              "text": torch.randn(2, 12, text_dim, generator=g), "pooled": torch.randn(2, pooled_dim, generator=g),
              "image": image}
@@ -79,7 +79,8 @@ def _flux_reference(folder, transformer, adapter, feats, d, guidance: float) -> 
     b, c, h, w = noisy.shape
     adapter.state.set_tokens(adapter.project(Features(image_embeds=feats["image"])))
     pred = transformer(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=timesteps / 1000,
-                       guidance=torch.full((b,), guidance), pooled_projections=feats["pooled"],
+                       guidance=None if guidance is None else torch.full((b,), guidance),
+                       pooled_projections=feats["pooled"],
                        encoder_hidden_states=feats["text"], txt_ids=torch.zeros(feats["text"].shape[1], 3),
                        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
                        return_dict=False)[0]
@@ -104,9 +105,10 @@ def _sd3_reference(folder, transformer, feats, d, weighting: str) -> torch.Tenso
     return (weight * (pred - (noise - x0)) ** 2).reshape(2, -1).mean(1).mean()
 
 
-@pytest.mark.parametrize("guidance", [3.5, 1.0])
-def test_flux_step_is_the_flow_matching_reference(tmp_path, guidance):
-    cfg, m, adapter, model, feats, uncond, d = _step_inputs("flux", tmp_path, guidance_scale=guidance)
+@pytest.mark.parametrize("model, guidance", [("flux", 3.5), ("flux", 1.0), ("flux-schnell", None)])
+def test_flux_step_is_the_flow_matching_reference(tmp_path, model, guidance):
+    """FLUX.1-dev-like (guidance-distilled: the guidance embedding gets guidance_scale) and schnell-like (none)."""
+    cfg, m, adapter, model, feats, uncond, d = _step_inputs(model, tmp_path, guidance_scale=guidance or 3.5)
     assert m.prediction_type == "flow" and cfg.kind == "global" and adapter.config.flavour == "xlabs"
     loss = T.loss_for(model, m, cfg, feats, uncond, d)
     want = _flux_reference(m.path, m.unet, adapter, feats, d, guidance)
@@ -146,6 +148,43 @@ def test_the_image_tokens_follow_the_timestep_in_sd3_training(tmp_path):
     T.loss_for(model, m, cfg, feats, uncond, d2)
     (t1, tok1), (t2, tok2) = seen
     assert not torch.equal(t1, t2) and (tok1 - tok2).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family, t5", [("flux", True), ("sd3", True), ("sd3", False)])
+def test_text_conditioning_is_the_pipelines_own(family, t5, tmp_path):
+    """What the trainer encodes (and caches) for a caption is what the diffusers pipeline computes for it
+    (``encode_prompt``: the oracle); SD3 without T5 gets the pipeline's zeros (``max_sequence_length`` of them)."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from ipadapter.bases import family_for_index
+
+    folder = transformer_model_dir(family)
+    if not t5:  # the same folder without its T5 (model_index says null, as for SD3 loaded text_encoder_3=None)
+        shutil.copytree(folder, tmp_path / "no-t5")
+        folder = tmp_path / "no-t5"
+        index = json.loads((folder / "model_index.json").read_text())
+        index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    fam = family_for_index(json.loads((folder / "model_index.json").read_text()))
+    extra = dict(fam.load_training_parts(folder, torch.device("cpu")).extra, max_sequence_length=8)
+    tokenizers, encoders = fam.load_text_encoders(folder, extra)
+    captions = ["a red cat", "two dogs on a hill, at night"]
+    ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids for tok in tokenizers]
+    ours = fam.encode_text(encoders, ids, "cpu", extra)
+    skip = {} if t5 else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), vae=None, image_encoder=None, feature_extractor=None, **skip)
+    with torch.no_grad():
+        if family == "flux":
+            text, pooled, _ = pipe.encode_prompt(captions, max_sequence_length=8)
+        else:
+            text, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
+                                                    max_sequence_length=8)
+    torch.testing.assert_close(ours["text"], text.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["pooled"], pooled.float(), rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- whole runs

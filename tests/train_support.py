@@ -65,19 +65,22 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def transformer_model_dir(family: str) -> Path:
-    """A saved tiny FluxPipeline ("flux": CLIP + T5, CLIP image encoder) or StableDiffusion3Pipeline ("sd3": two
-    CLIPs + T5, SigLIP image encoder) folder."""
+    """A saved tiny FluxPipeline ("flux": CLIP + T5, CLIP image encoder; "flux-schnell": the same without the
+    guidance embedding) or StableDiffusion3Pipeline ("sd3": two CLIPs + T5, SigLIP image encoder) folder."""
     from ipadapter.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
     if family not in _MODELS:
         folder = _ROOT / f"model-{family}"
-        {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}[family](folder)
+        if family == "flux-schnell":
+            tiny_flux_pipeline(folder, guidance=False)
+        else:
+            {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}[family](folder)
         _MODELS[family] = folder
     return _MODELS[family]
 
 
 #: small settings per transformer family: 16 px (8 x 8 latents), 8 T5 tokens, a small SD3.5 resampler
-TRANSFORMER_RUNS = {"flux": dict(max_sequence_length=8),
+TRANSFORMER_RUNS = {"flux": dict(max_sequence_length=8), "flux-schnell": dict(max_sequence_length=8),
                     "sd3": dict(max_sequence_length=8, num_tokens=8,
                                 adapter={"resampler_dim": 64, "time_embed_dim": 32})}
 

@@ -308,7 +308,7 @@ class SD3Family(BaseFamily):
     @torch.no_grad()
     def encode_text(self, encoders, ids, device, extra: dict) -> dict:
         """StableDiffusion3Pipeline's conditioning: both CLIPs' penultimate states side by side, zero-padded to the
-        T5 width, then T5's sequence (zeros of the CLIP length without T5); the two pooled outputs side by side."""
+        T5 width, then T5's sequence (``max_sequence_length`` zeros without T5); the two pooled outputs side by side."""
         states, pooled = [], []
         for encoder, tokens in zip(encoders[:2], ids[:2]):
             out = encoder(tokens.to(device), output_hidden_states=True)
@@ -319,7 +319,8 @@ class SD3Family(BaseFamily):
         if len(encoders) > 2:
             t5 = encoders[2](ids[2].to(device))[0]
         else:
-            t5 = torch.zeros(clip.shape[0], clip.shape[1], joint, device=clip.device, dtype=clip.dtype)
+            length = int(extra.get("max_sequence_length", 77))
+            t5 = torch.zeros(clip.shape[0], length, joint, device=clip.device, dtype=clip.dtype)
         clip = F.pad(clip, (0, joint - clip.shape[-1]))
         return {"text": torch.cat([clip, t5.to(clip.dtype)], dim=-2).float(), "pooled": torch.cat(pooled, -1).float()}
 
@@ -332,8 +333,8 @@ class SD3Family(BaseFamily):
 
     def text_elements(self, denoiser: nn.Module, extra: dict) -> int:
         c = denoiser.config
-        t5 = int(extra.get("max_sequence_length", 77)) if extra.get("t5") else 77
-        return (77 + t5) * int(c.joint_attention_dim) + int(c.pooled_projection_dim)
+        return (77 + int(extra.get("max_sequence_length", 77))) * int(c.joint_attention_dim) + \
+            int(c.pooled_projection_dim)
 
     def cache_facts(self, extra: dict) -> dict:
         return {"max_sequence_length": int(extra.get("max_sequence_length", 77)), "t5": bool(extra.get("t5"))}
