@@ -240,6 +240,13 @@ def test_resume_is_bit_identical_to_an_unbroken_run(family, dataset, tmp_path):
     assert "resumed from" in (tmp_path / "broken" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_bf16_trains_with_the_adapter_in_fp32(family, dataset, tmp_path):
+    out = train_run(family, dataset, tmp_path / "out", max_steps=2, mixed_precision="bf16")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights(out).values())
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "out"))
+
+
 # --------------------------------------------------------------------------------- the file, in diffusers
 def _picture():
     return Image.fromarray((np.random.RandomState(3).rand(40, 48, 3) * 255).astype(np.uint8))
