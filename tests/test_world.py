@@ -115,3 +115,29 @@ def test_caption_keep_probability():
     assert a.random() == b.random()
     with pytest.raises(ValueError):
         world.caption(s, random.Random(0), partial=True, keep=1.5)
+
+
+def test_contradicting_prompt_images_and_image_only_items(tmp_path):
+    """prompt_swap: a prompt image differing in exactly what the caption names (so the text must win there);
+    image_only: empty captions, own image. Neither shifts the images or the other items' captions."""
+    paper = json.loads(world.write_dataset(tmp_path / "paper", 300, progress=False).read_text())
+    contra_path = world.write_dataset(tmp_path / "contra", 300, progress=False, prompt_swap=1.0, image_only=0.25)
+    contra = json.loads(contra_path.read_text())
+    truth = json.loads((tmp_path / "contra" / "samples.json").read_text())
+    assert [r["image_file"] for r in paper] == [r["image_file"] for r in contra]
+    for r in paper[:20]:
+        a, b = (tmp_path / d / r["image_file"] for d in ("paper", "contra"))
+        assert a.read_bytes() == b.read_bytes()
+    empty = [c for c in contra if c["text"] == ""]
+    assert 0.25 <= len(empty) / len(contra) <= 0.45  # 1/4 drawn + the partial captions that name nothing
+    assert all("prompt_image_file" not in c for c in empty)
+    assert all(c["text"] in ("", p["text"]) for p, c in zip(paper, contra))
+    for c, t in zip(contra, truth):
+        named = world.caption_attributes(c["text"])
+        assert ("prompt_image_file" in c) == any(named.values())  # swap 1: every item that names something
+        if "prompt_image_file" in c:
+            prompt = t["prompt"]
+            assert all((prompt[k] != t[k]) == (named[k] is not None) for k in ("background", "colour", "shape"))
+            assert prompt["background"] != prompt["colour"]
+            assert parse(Image.open(tmp_path / "contra" / c["prompt_image_file"])) == {
+                k: prompt[k] for k in ("background", "colour", "shape")}

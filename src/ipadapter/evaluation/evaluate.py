@@ -66,6 +66,8 @@ class Pair:
     caption: str = ""
     name: str = ""
     truth: dict[str, str] | None = None  # e.g. {"background", "colour", "shape"} on the shapes world
+    prompt: str | None = None  # this pair's own text prompt (else the settings' prompt); the caption stays the
+    #                            CLIP-T reference, e.g. the wanted result of an image + text prompt
 
 
 def read_pairs(data: str | os.PathLike, data_root: str | os.PathLike | None = None,
@@ -279,7 +281,9 @@ class EvalSettings:
     height: int | None = None
 
     def text_for(self, pair: Pair) -> str:
-        return pair.caption if self.prompt_from_caption else self.prompt
+        if self.prompt_from_caption:
+            return pair.caption
+        return pair.prompt if pair.prompt is not None else self.prompt
 
     def scale_for(self, text: str) -> float:
         return self.scale if self.scale is not None else (0.5 if text else 1.0)

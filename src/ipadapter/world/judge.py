@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,6 +85,35 @@ def world_pairs(n: int, seed: int | None = None) -> list[Pair]:
     samples = world.samples(n, world.EVAL_SEED if seed is None else seed)
     return [Pair(world.draw(s), world.caption(s), f"eval-{i:05d}", {k: getattr(s, k) for k in ATTRIBUTES})
             for i, s in enumerate(samples)]
+
+
+FAMILIES = ("background", "colour", "shape")  # image + text: the attribute the text names (and contradicts)
+TUNING_SEED = world.EVAL_SEED + 300  # image + text prompts to choose a scale on; the reported ones use others
+REPORT_SEED = world.EVAL_SEED + 400
+
+
+def contradiction_pairs(family: str, n: int, seed: int = REPORT_SEED) -> list[Pair]:
+    """n held-out image + text prompts of one family: a world image (over the whole palette) and a text that
+    names one attribute, ``family``, with another value than the image's ("on a green background", "a green
+    shape", "a circle"). Wanted: that attribute from the text, the other two from the image; the caption is the
+    wanted result in full (the CLIP-T reference), ``prompt`` the text. Each family draws its own stream."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: one of {', '.join(FAMILIES)}")
+    rng = random.Random(f"{seed}-{family}")  # str seeds hash deterministically (sha512), unlike hash()
+    pairs = []
+    for i in range(n):
+        s = world.random_sample(rng)
+        if family == "shape":
+            value = rng.choice([x for x in world.SHAPES if x != s.shape])
+        else:
+            value = rng.choice([c for c in world.COLOURS if c not in (s.background, s.colour)])
+        named = {k: (value if k == family else None) for k in ATTRIBUTES}
+        wanted = {k: named[k] or getattr(s, k) for k in ATTRIBUTES}
+        pairs.append(Pair(world.draw(s), world.caption_from_parts(wanted["background"], wanted["colour"],
+                                                                   wanted["shape"]),
+                          f"{family}-{i:04d}", {k: getattr(s, k) for k in ATTRIBUTES},
+                          prompt=world.caption_from_parts(named["background"], named["colour"], named["shape"])))
+    return pairs
 
 
 def expected_attributes(truth: dict[str, str] | None, text_prompt: str = "") -> dict[str, str] | None:

@@ -171,7 +171,8 @@ def samples(n: int, seed: int) -> list[Sample]:
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_captions: bool = True,
-                  progress: bool = True, caption_keep: float = 0.5, prompt_swap: float = 0.0) -> Path:
+                  progress: bool = True, caption_keep: float = 0.5, prompt_swap: float = 0.0,
+                  image_only: float = 0.0) -> Path:
     """Write n PNGs and ``data.json`` in the IP-Adapter JSON training format; return the JSON path.
 
     ``data.json`` is ``[{"image_file": "00000.png", "text": "..."}, ...]`` with image_file relative to
@@ -179,7 +180,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_c
     The same seed gives byte-identical files. ``caption_keep``: the chance that a partial caption names each
     attribute (the images do not depend on it). ``prompt_swap``: the chance that an item whose caption names
     something gets a separate prompt image (``"prompt_image_file"``) in which the named attributes differ
-    (:func:`contradicting_prompt`); 0 (default) is the paper's data, every image its own prompt.
+    (:func:`contradicting_prompt`); 0 (default) is the paper's data, every image its own prompt. ``image_only``:
+    the chance that an item gets an empty caption (an image-only item, its own image the prompt) whatever it drew.
     """
     from tqdm.auto import tqdm
 
@@ -188,6 +190,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_c
     rng = random.Random(seed)
     text_rng = random.Random(seed + 1)  # separate stream: captions do not shift the images
     swap_rng = random.Random(seed + 2)  # and prompt images shift neither
+    only_rng = random.Random(seed + 3)  # nor image-only items
     width = max(5, len(str(n - 1)))
     records, truth = [], []
     for i in tqdm(range(n), desc="world images", disable=not progress):
@@ -195,6 +198,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = TRAIN_SEED, partial_c
         name = f"{i:0{width}d}.png"
         draw(s).save(out / name, format="PNG", optimize=False)
         record = {"image_file": name, "text": caption(s, text_rng, partial=partial_captions, keep=caption_keep)}
+        if only_rng.random() < image_only:
+            record["text"] = ""
         fact = {"image_file": name, **asdict(s)}
         if prompt_swap and swap_rng.random() < prompt_swap and any(caption_attributes(record["text"]).values()):
             prompt = contradicting_prompt(s, record["text"], swap_rng)
