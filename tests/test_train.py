@@ -324,3 +324,22 @@ def _models_of(cfg: TrainConfig):
     from ipadapter.training.train import load_models
 
     return load_models(cfg, torch.device("cpu"), torch.float32)
+
+
+def test_init_adapter_fine_tunes_a_file_and_refuses_one_that_does_not_fit(dataset, tmp_path):
+    """init_adapter: the run starts from the file's weights (two 2-step runs = one 4-step run's start, not a new
+    adapter's); a file of another kind is one clear error."""
+    first = train(config(dataset, tmp_path / "a", max_steps=2, lr=1e-3))
+    fresh = train(config(dataset, tmp_path / "b", max_steps=2, lr=1e-3))
+    tuned = train(config(dataset, tmp_path / "c", max_steps=2, lr=1e-3, init_adapter=str(first)))
+    assert max_diff(weights(first), weights(fresh)) == 0  # seeded: the same new adapter, the same steps
+    assert max_diff(weights(tuned), weights(first)) > 0
+    assert max_diff(weights(tuned), weights(first)) < max_diff(weights(tuned), weights(new_start(dataset, tmp_path)))
+    plus = train(config(dataset, tmp_path / "p", kind="plus", max_steps=1))
+    with pytest.raises(IPAdapterError, match="do not fit a new global adapter"):
+        train(config(dataset, tmp_path / "d", max_steps=1, init_adapter=str(plus)))
+
+
+def new_start(dataset, tmp_path):
+    """The new adapter a run starts from (0 steps is not a run: 1 step at lr ~0)."""
+    return train(config(dataset, tmp_path / "zero", max_steps=1, lr=1e-12, warmup_steps=0))

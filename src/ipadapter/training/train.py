@@ -74,6 +74,7 @@ class TrainConfig:
     image_encoder: str | None = None  # default MODEL/image_encoder (Flux: CLIP ViT-L/14; SD3.5: SigLIP)
     num_tokens: int | None = None  # default 4 (global, faceid), 16 (plus), all patches (full)
     adapter: dict = field(default_factory=dict)  # other AdapterConfig fields, e.g. {"resampler_depth": 2}
+    init_adapter: str | None = None  # start from this adapter file's weights (same kind and shape), not new ones
     # data
     resolution: int | None = None  # default: the UNet's native size
     buckets: bool | None = None  # multi-aspect buckets (default: on for SDXL)
@@ -347,6 +348,15 @@ def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
     family.init_kv(adapter, unet)
     if enc is not None:
         adapter.check_encoder(SimpleNamespace(config=enc), f"--image-encoder {image_encoder_dir(cfg)}")
+    if cfg.init_adapter:  # fine-tune an adapter file instead (its tensors must fit this one exactly)
+        from ..core.checkpoint import read_checkpoint
+
+        _, tensors = read_checkpoint(cfg.init_adapter)
+        own = adapter.state_dict()
+        if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+            raise IPAdapterError(f"init_adapter {cfg.init_adapter}: its tensors do not fit a new {kind} adapter "
+                                 "for this model (give a file of the same kind, tokens and base model)")
+        adapter.load_state_dict({k: v.float() for k, v in tensors.items()})
     return adapter
 
 
