@@ -426,7 +426,8 @@ def test_world_report_quick_run_writes_every_output(model_files, clip_dir, tmp_p
     assert set(scans) == {"global"} and [p["scale"] for p in scans["global"]] == report.QUICK["family_scales"]
     assert all(0 <= p["mean"] <= 1 for p in scans["global"]) and "| global (the paper's recipe), " in data["markdown"]
     assert {k for k in data["targets"]["checks"] if k.startswith("image + text")} == {
-        f"image + text at 0.5: all three as wanted >= 90% in every family ({n})" for n in ("global", "simple")}
+        f"image + text at {report.IMAGE_TEXT_SCALE}: all three as wanted >= 90% in every family ({n})"
+        for n in ("global", "simple")}
     assert (out / "world_results.md").read_text().strip() == data["markdown"] and data["markdown"] in printed
     for name in ("clip_scale_sweep.png", "world_grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

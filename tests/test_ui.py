@@ -384,4 +384,4 @@ def test_resolve_model_finds_an_adapter_name_in_the_model_folder(tmp_path):
     if (EMBEDDED_MODEL / "ip-adapter_pairs.safetensors").is_file():
         pairs = EMBEDDED_MODEL / "ip-adapter_pairs.safetensors"
         assert ui.resolve_model(None, "ip-adapter_pairs.safetensors")[1] == str(pairs)
-        assert ui.resolve_model(None, None)[1] == str(EMBEDDED_MODEL / "ip-adapter_global.safetensors")
+        assert ui.resolve_model(None, None)[1] == str(EMBEDDED_MODEL / "ip-adapter.safetensors")

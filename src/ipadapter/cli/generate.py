@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from ..core.errors import IPAdapterError
@@ -341,13 +340,8 @@ def _adapter_groups(args) -> tuple[str, list[dict]]:
         from ..generation.pipeline import embedded_model
 
         model, default_adapter = embedded_model()
-        if groups[0].get("adapter") is None:
+        if groups[0].get("adapter") is None:  # one default for image-only and image + text prompts
             groups[0]["adapter"] = default_adapter
-            text_and_image = getattr(args, "prompt", "") and groups[0].get("images")
-            if text_and_image and (model / "ip-adapter_pairs.safetensors").is_file():
-                print("note: with a text prompt on the embedded world model, --adapter ip-adapter_pairs.safetensors "
-                      "lets the text decide what it names (the default, the paper's recipe, keeps the image's)",
-                      file=sys.stderr)
     if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
     from ..generation.pipeline import adapter_in_model

@@ -983,9 +983,13 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str) -> Pa
 EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"
 
 
+EMBEDDED_ADAPTER = "ip-adapter.safetensors"  # world.family.DEFAULT_ADAPTER (generation does not import world)
+
+
 def embedded_model() -> tuple[Path, Path]:
-    """(model folder, global adapter file) of the tiny world model shipped in the package."""
-    adapter = EMBEDDED_MODEL / "ip-adapter_global.safetensors"
+    """(model folder, default adapter file) of the tiny world model shipped in the package: a global adapter that
+    serves image-only prompts and image + text prompts (the paper's recipe is ``ip-adapter_global.safetensors``)."""
+    adapter = EMBEDDED_MODEL / EMBEDDED_ADAPTER
     if not (EMBEDDED_MODEL / "model_index.json").is_file() or not adapter.is_file():
         raise IPAdapterError(
             f"the embedded world model is not in this install ({EMBEDDED_MODEL}); pass --model DIR and --adapter FILE"

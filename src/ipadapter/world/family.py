@@ -4,11 +4,12 @@
 
 1. ``world_build.build``: tokenizer, contrastive CLIP towers, VAE, text-to-image UNet (a diffusers folder).
 2. ``world.write_dataset``: training pairs in the official JSON format (TRAIN_SEED; evaluation uses EVAL_SEED).
-3. ``train.train``: four adapters on the frozen base with the same images, steps and batch -- the paper's
-   decoupled adapter with global features (the default adapter), the fine-grained "plus" one, the paper's
-   "simple adapter" ablation (image tokens appended to the text tokens, no new K/V), all on the paper's
-   (image, caption) data; and "pairs", the global adapter trained where half the captioned items come with a
-   prompt image that contradicts what the caption names, so that text and image prompts combine at scale 0.5.
+3. ``train.train``: five adapters on the frozen base with the same images, steps and batch -- the default one
+   (``ip-adapter.safetensors``: global, trained where every captioned item comes with a prompt image that
+   contradicts what the caption names, so that one adapter serves image-only prompts and image + text prompts);
+   the paper's decoupled adapter with global features, the fine-grained "plus" one and the paper's "simple
+   adapter" ablation (image tokens appended to the text tokens, no new K/V), all on the paper's (image, caption)
+   data; and "pairs", global with contradicting prompt images for half the captioned items.
 
 Reproducible: every stage is seeded. Device-agnostic: ``--device cuda`` runs the same code on a GPU.
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from ..core.errors import IPAdapterError
 
-ADAPTERS = {  # file name -> (kind, AdapterConfig overrides, training data: "paper" or "pairs")
+ADAPTERS = {  # file name -> (kind, AdapterConfig overrides, training data: a key of DATA)
+    "ip-adapter.safetensors": ("global", {}, "contra"),
     "ip-adapter_global.safetensors": ("global", {}, "paper"),
     "ip-adapter_plus.safetensors": ("plus", {"resampler_depth": 2}, "paper"),
     "ip-adapter_simple.safetensors": ("global", {"attention": "concat"}, "paper"),
@@ -33,10 +35,23 @@ ADAPTERS = {  # file name -> (kind, AdapterConfig overrides, training data: "pap
 # in which those attributes differ (world.contradicting_prompt): the text must win where it speaks. The paper
 # trains on (image, caption) alone, which never shows the adapter a disagreement; see the README's results.
 PAIRS_PROMPT_SWAP = 0.5
+DATA = {  # variant -> world.write_dataset settings
+    "paper": {}, "pairs": {"prompt_swap": PAIRS_PROMPT_SWAP}, "contra": {"prompt_swap": 1.0, "image_only": 0.125},
+}
+# The embedded model's default adapter (embedded_model()): the "pairs" adapter fine-tuned where every item whose
+# caption names something has a prompt image contradicting it and 1/8 + 7/8 x 1/8 of the items are image-only
+# (empty caption, own image). The text is never dropped (drop_text 0): a contradicting item without its text would
+# teach the adapter to move away from its image. One adapter for image-only (scale 1) and image + text (0.5).
+DEFAULT_ADAPTER = "ip-adapter.safetensors"
+TRAINING = {  # per-adapter changes to the shared recipe; "init_adapter" names a file in the family trained first
+    DEFAULT_ADAPTER: {"init_adapter": "ip-adapter_pairs.safetensors", "steps": 300, "drop_text": 0.0},
+}
 RECIPE = ("ipadapter train on the frozen base: world images (TRAIN_SEED + seed), partial captions (each attribute "
           "named with chance 1/2; empty -> 'a shape'), AdamW lr 3e-4 wd 0.01, warm-up, grad clip 1.0, drop "
           "image/text/both 5% each, feature cache. 'pairs' data: the same, with prompt images that contradict the "
-          f"caption for {PAIRS_PROMPT_SWAP:.0%} of the items whose caption names something")
+          f"caption for {PAIRS_PROMPT_SWAP:.0%} of the items whose caption names something. The default "
+          f"'{DEFAULT_ADAPTER}': the pairs adapter fine-tuned on 'contra' data (such prompt images for all of them, "
+          "1/8 of the items image-only, empty caption, on top of the empty partial captions), text never dropped")
 TRAIN_IMAGES = 6_000  # the shipped family's settings: a CPU afternoon; a GPU can afford more
 ADAPTER_STEPS = 900
 ADAPTER_BATCH = 128
@@ -76,25 +91,32 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
         summary["base"] = build(out, device=device, quick=quick, seed=seed, progress=progress, **overrides)
     summary["adapters"] = {}
     chosen = {n: v for n, v in ADAPTERS.items() if only is None or n in only}
+    for name in list(chosen):  # an adapter fine-tuned from another comes after it
+        start = TRAINING.get(name, {}).get("init_adapter")
+        if start in chosen:
+            chosen[name] = chosen.pop(name)
+        elif start is not None and not (out / start).is_file():
+            raise IPAdapterError(f"--adapters {name}: it starts from {start}, which is not in {out} (train both)")
     with tempfile.TemporaryDirectory(prefix="ipadapter-world-") as tmp:
         data = {}
         for variant in sorted({v[2] for v in chosen.values()} | ({"paper"} if adapter_seconds else set())):
             data[variant] = world.write_dataset(Path(tmp) / f"data-{variant}", n_images, seed=world.TRAIN_SEED + seed,
-                                                progress=progress,
-                                                prompt_swap=PAIRS_PROMPT_SWAP if variant == "pairs" else 0.0)
-            # Partial captions make the image carry what the text leaves out; an empty one would count as a bad
-            # item for the trainer (it drops the text itself, 5% + 5%), so it becomes the attribute-free "a shape".
-            items = json.loads(data[variant].read_text())
-            for item in items:
-                item["text"] = item["text"] or "a shape"
-            data[variant].write_text(json.dumps(items))
+                                                progress=progress, **DATA[variant])
+            if variant in ("paper", "pairs"):
+                # Partial captions make the image carry what the text leaves out; these two were trained when an
+                # empty caption counted as a bad item, so it becomes the attribute-free "a shape" (reproducible).
+                items = json.loads(data[variant].read_text())
+                for item in items:
+                    item["text"] = item["text"] or "a shape"
+                data[variant].write_text(json.dumps(items))
 
-        def config(name: str, kind: str, extra: dict, steps: int, variant: str = "paper") -> TrainConfig:
+        def config(name: str, kind: str, extra: dict, steps: int, variant: str = "paper", **changes) -> TrainConfig:
             return TrainConfig(
                 model=str(out), data=str(data[variant]), output=str(Path(tmp) / name), kind=kind,
                 adapter=dict(extra), max_steps=steps, batch_size=batch, lr=ADAPTER_LR,
                 warmup_steps=min(ADAPTER_WARMUP, steps // 10), max_grad_norm=1.0, save_every=steps, seed=seed,
                 device=device, progress=progress, cache=str(Path(tmp) / f"cache-{kind}"), tensorboard=False,
+                **changes,
             )
 
         if adapter_seconds:
@@ -110,10 +132,18 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
                 print(f"world: {rate:.1f} steps/s -> {steps} steps per adapter", flush=True)
         for name, (kind, extra, variant) in chosen.items():
             started = time.perf_counter()
-            written = train(config(name, kind, extra, steps, variant))
+            changes = dict(TRAINING.get(name, {}))
+            own_steps = changes.pop("steps", None)  # explicit --adapter-steps / --quick / --adapter-seconds win
+            if changes.get("init_adapter"):
+                changes["init_adapter"] = str(out / changes["init_adapter"])
+            n_steps = steps if adapter_steps or quick or adapter_seconds or own_steps is None else own_steps
+            written = train(config(name, kind, extra, n_steps, variant, **changes))
             shutil.copy2(written, out / name)
-            summary["adapters"][name] = {"kind": kind, **extra, "data": variant, "steps": steps, "batch": batch,
-                                         "images": n_images, "seconds": round(time.perf_counter() - started, 1)}
+            if changes.get("init_adapter"):
+                changes["init_adapter"] = Path(changes["init_adapter"]).name
+            summary["adapters"][name] = {"kind": kind, **extra, "data": variant, **DATA[variant],
+                                         **changes, "steps": n_steps, "batch": batch, "images": n_images,
+                                         "seconds": round(time.perf_counter() - started, 1)}
             if progress:
                 print(f"world: trained {name} in {summary['adapters'][name]['seconds']} s", flush=True)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,0 +1,94 @@
+"""The embedded world model's claims, measured on its shipped weights with the world's pixel judge (world_parse):
+a few held-out prompts each, at the report's settings (25 DDIM steps, guidance 5). Every threshold is also shown to
+fail for a broken adapter: a zeroed copy of the default one (it generates what the text alone gives) and, for
+image + text, the paper's recipe (ip-adapter_global.safetensors, which keeps the prompt image's background).
+The full measurement is benchmarks/world_report.py's (README, "The embedded world model")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ipadapter
+from ipadapter.core.checkpoint import read_checkpoint, write_checkpoint
+from ipadapter.core.errors import IPAdapterError
+from ipadapter.evaluation.evaluate import EvalSettings, evaluate
+from ipadapter.world.judge import FAMILIES, WorldJudge, contradiction_pairs, world_pairs
+
+pytestmark = pytest.mark.slow  # ~30 generations per adapter on the world model: about 10-20 s each on 2 cores
+
+PROMPTS = 8  # per measurement
+IMAGE_ONLY_FLOOR = 7 / 8  # each attribute; a zeroed adapter: about 1/8 (the empty-prompt baseline)
+IMAGE_TEXT_FLOOR = 5 / 8  # "all three as wanted" in each family at the README's scale (measured: about 4/5;
+#                           the issue's target, 9/10, is not reached yet); the text alone: about 1/20
+IMAGE_TEXT_SCALE = 0.8  # benchmarks/world_report.py IMAGE_TEXT_SCALE
+SETTINGS = dict(samples=1, steps=25, guidance=5.0, batch_size=PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def world():
+    try:
+        model, default = ipadapter.embedded_model()
+    except IPAdapterError:
+        pytest.skip("the embedded world model is not installed")
+    return ipadapter.load_pipeline(model, dtype=torch.float32), model, default
+
+
+@pytest.fixture(scope="module")
+def zeroed(world, tmp_path_factory):
+    _, _, default = world
+    cfg, tensors = read_checkpoint(default)
+    path = tmp_path_factory.mktemp("zeroed") / "zeroed.safetensors"
+    write_checkpoint(path, cfg, {k: torch.zeros_like(v) for k, v in tensors.items()})
+    return path
+
+
+def image_only(pipe, adapter) -> dict:
+    ip = ipadapter.load(pipe, adapter)
+    try:
+        return evaluate(ip, world_pairs(PROMPTS), None, EvalSettings(scale=1.0, **SETTINGS), judge=WorldJudge()).metrics
+    finally:
+        ip.detach()
+
+
+def image_text(pipe, adapter) -> dict[str, float]:
+    ip = ipadapter.load(pipe, adapter)
+    try:
+        return {f: evaluate(ip, contradiction_pairs(f, PROMPTS), None, EvalSettings(scale=IMAGE_TEXT_SCALE, **SETTINGS),
+                            judge=WorldJudge()).metrics["all"] for f in FAMILIES}
+    finally:
+        ip.detach()
+
+
+def meets_image_only(m: dict) -> bool:
+    return all(m[k] >= IMAGE_ONLY_FLOOR for k in ("background", "colour", "shape"))
+
+
+def meets_image_text(m: dict) -> bool:
+    return all(v >= IMAGE_TEXT_FLOOR for v in m.values())
+
+
+def test_the_default_adapter_reproduces_held_out_prompt_images(world):
+    pipe, _, default = world
+    m = image_only(pipe, default)
+    assert meets_image_only(m), m
+
+
+def test_the_default_adapter_lets_the_text_decide_what_it_names_in_every_family(world):
+    pipe, _, default = world
+    m = image_text(pipe, default)
+    assert meets_image_text(m), m
+
+
+def test_the_thresholds_fail_for_a_zeroed_adapter_and_the_papers_recipe(world, zeroed):
+    pipe, model, _ = world
+    assert not meets_image_only(image_only(pipe, zeroed))
+    assert not meets_image_text(image_text(pipe, zeroed))
+    assert not meets_image_text(image_text(pipe, model / "ip-adapter_global.safetensors"))
+
+
+def test_the_default_adapter_is_the_build_recipes_default():
+    from ipadapter.generation.pipeline import EMBEDDED_ADAPTER
+    from ipadapter.world.family import ADAPTERS, DEFAULT_ADAPTER
+
+    assert EMBEDDED_ADAPTER == DEFAULT_ADAPTER and DEFAULT_ADAPTER in ADAPTERS
