@@ -141,6 +141,8 @@ def diffusers_ip_adapter(pipe, files: list[Path], scales: list[float]):
         yield pipe
     finally:
         pipe.unload_ip_adapter()
+        if getattr(pipe.unet, "text_encoder_hid_proj", 0) is None:  # Kolors: diffusers leaves None behind, and its
+            del pipe.unet.text_encoder_hid_proj  # next load_ip_adapter then drops the text projection (not unloaded)
         pipe.unet.set_attn_processor(originals)
         pipe.register_modules(image_encoder=encoder, feature_extractor=extractor)  # unload_ip_adapter drops them
 

@@ -71,11 +71,14 @@ def _controlnet(annotation: str, unet):
     embed = (16, 32)  # one stride-2 step: 32 pixels -> the 16x16 latent
     if "SparseControlNet" in annotation:
         source = _unet_like(unet, down_block_types=list(unet.config.down_block_types))  # from_unet edits the list
-        return _seeded(6, lambda: diffusers.SparseControlNetModel.from_unet(
-            source, conditioning_embedding_out_channels=embed))
-    if "ControlNetUnion" in annotation:
-        return _seeded(6, lambda: diffusers.ControlNetUnionModel.from_unet(
-            unet, conditioning_embedding_out_channels=embed))
+        return _seeded(6, lambda: diffusers.SparseControlNetModel.from_unet(  # its simplified embedding (the default)
+            source, conditioning_embedding_out_channels=embed, conditioning_channels=4))  # takes VAE latents
+    if "ControlNetUnion" in annotation:  # its control-type transformer is 320 wide unless told: the UNet's width
+        net = diffusers.ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=embed)
+        width = unet.config.block_out_channels[0]
+        config = {k: v for k, v in net.config.items() if not k.startswith("_")}  # _use_default_values: see above
+        config.update(num_trans_channel=width, num_proj_channel=width, num_trans_head=2)
+        return _seeded(6, lambda: diffusers.ControlNetUnionModel.from_config(config))
     if "ControlNetXS" in annotation:
         return _seeded(6, lambda: diffusers.ControlNetXSAdapter.from_unet(
             unet, size_ratio=0.5, learn_time_embedding=True, conditioning_embedding_out_channels=embed))
@@ -160,6 +163,7 @@ def call_kwargs(pipe, seed: int = 0) -> dict:
         "control_image": picture(12), "strength": 1.0, "num_frames": FRAMES,
         "video": [picture(13 + i) for i in range(FRAMES)],
         "conditioning_frames": [picture(20 + i) for i in range(FRAMES)], "editing_prompt": ["blue"],
+        "control_mode": 0,  # ControlNet-Union: which of its control types the control image is
     }
     if type(pipe).__name__.startswith("PIA"):
         wanted["strength"] = 1.0

@@ -3,9 +3,21 @@
 The classes are discovered in the installed diffusers (``__call__`` takes ``ip_adapter_image`` or
 ``ip_adapter_image_embeds``, or the class has ``IPAdapterMixin``), built from tiny random components
 (tests/pipeline_support.py) and run twice on the same random official-format checkpoint and seed: ours
-(``ipadapter.load(pipe, file)`` + ``set_images`` + ``pipe(...)``) and diffusers' ``pipe.load_ip_adapter`` (the
-oracle, tests only). A class neither compared nor listed below with its reason fails the test, so a new diffusers
-pipeline cannot go unnoticed.
+(``ipadapter.load(pipe, file)`` + ``set_images`` + ``pipe(..., **ip.pipeline_kwargs(pipe))``) and diffusers'
+``pipe.load_ip_adapter`` (the oracle, tests only). A class neither compared nor listed below with its reason fails
+the test, so a new diffusers pipeline cannot go unnoticed.
+
+Where diffusers' own image-prompt path in a pipeline is wrong, the oracle is that pipeline driven around the fault
+(ORACLE_FIXES, each with what is wrong): with its own ``prepare_ip_adapter_image_embeds`` output handed as
+``ip_adapter_image_embeds`` (KolorsPAG iterates the wrong variable for ``ip_adapter_image``; Panorama's
+``do_classifier_free_guidance`` property is always False, so ``ip_adapter_image`` gives positive embeds only for its
+[uncond; cond] batch; KolorsPAG then hands the UNet its last adapter's tensor instead of the list, put back in
+one), with SAG's main pass handed the [negative; positive] embeds its [uncond; cond] batch needs (it hands the
+positive half alone, and diffusers' processor then splits one image's tokens across the two rows), or with
+AltDiffusion's and safe latent diffusion's ``encode_image`` asked for the feature the adapter reads (they test the
+projection wrapper's type, so a global adapter gets CLIP hidden states). InstructPix2Pix and safe latent diffusion
+hand the UNet no ``ip_adapter_image_embeds``; their ``ip_adapter_image`` path is right and is the oracle, and ours
+follows the batch layout transcribed from their code (``generation.pipeline.DROPPED_LAYOUTS``).
 """
 
 from __future__ import annotations
@@ -68,39 +80,11 @@ def discover() -> list[str]:
 
 
 # Cases that fail today, each with what was found (strict: one that starts passing must leave this list).
-KNOWN_FAILING = {
-    ("StableDiffusionInstructPix2PixPipeline", "global"): "diffusers hands the UNet image embeds only for "
-    "ip_adapter_image, not ip_adapter_image_embeds, so our row markers never arrive; its batch is "
-    "[cond; image-only; uncond] and the plain guess refuses it",
-    ("StableDiffusionSAGPipeline", "global"): "diffusers' SAG hands the positive embeds alone for its "
-    "[uncond; cond] batch (its IP processor then splits one image's tokens across the two rows): the oracle is off",
-    ("AltDiffusionPipeline", "global"): "diffusers' deprecated AltDiffusion feeds a global adapter CLIP's hidden "
-    "states (shape error in its own ImageProjection)",
-    ("AltDiffusionImg2ImgPipeline", "global"): "as AltDiffusionPipeline",
-}
+KNOWN_FAILING: dict[tuple[str, str], str] = {}
 # Failing in the last run, cause not yet diagnosed (not strict: the cause may be the builder here, not ours).
-UNDIAGNOSED = {
-    "StableDiffusionPanoramaPipeline": "differs from diffusers (plus by 0.014 before row markers; both kinds after)",
-    "StableDiffusionPipelineSafe": "safe latent diffusion's [uncond; cond; safety concept] batch: the layout "
-    "error is raised (the markers do not reach that call)",
-    "AnimateDiffSparseControlNetPipeline": "builder: the tiny SparseControlNet's conv_in takes 4 channels, the "
-    "pipeline gives 5 (conditioning mask)",
-    "KolorsPAGPipeline": "TypeError: 'NoneType' object is not iterable",
-    "StableDiffusionXLControlNetUnionPipeline": "fails; cause not yet read",
-    "StableDiffusionXLControlNetUnionImg2ImgPipeline": "fails; cause not yet read",
-    "StableDiffusionXLControlNetUnionInpaintPipeline": "fails; cause not yet read",
-}
+UNDIAGNOSED: dict[str, str] = {}
 #: (class, kind) cases seen failing in the full run, cause not yet read (the class's other kind passes)
-UNDIAGNOSED_CASES = {
-    (name, "plus"): "diffusers' own IP processor fails inside the oracle run (to_k gets 32-wide tokens, wants 64) "
-    "on this tiny Kolors; Kolors plus from the CLI matches diffusers (test_kolors_plus_from_the_cli...)"
-    for name in ("KolorsPipeline", "KolorsImg2ImgPipeline")
-}
-for _kind in KINDS:
-    KNOWN_FAILING.setdefault(("StableDiffusionInstructPix2PixPipeline", _kind),
-                             KNOWN_FAILING[("StableDiffusionInstructPix2PixPipeline", "global")])
-    KNOWN_FAILING.setdefault(("StableDiffusionSAGPipeline", _kind), KNOWN_FAILING[("StableDiffusionSAGPipeline",
-                                                                                    "global")])
+UNDIAGNOSED_CASES: dict[tuple[str, str], str] = {}
 
 DISCOVERED = discover()
 COMPARED = [n for n in DISCOVERED if n not in OTHER_FAMILIES and n not in NO_DIFFUSERS_IMAGE_PROMPT]
@@ -139,7 +123,7 @@ def _run(pipe, **extra) -> np.ndarray:
 
 
 def _ours(pipe, path, scale: float = SCALE, layout: bool = True) -> np.ndarray:
-    """ours as a user drives it: ``set_images``, then ``pipe(..., **ip.pipeline_kwargs())`` where it takes them."""
+    """ours as a user drives it: ``set_images``, then ``pipe(..., **ip.pipeline_kwargs(pipe))``."""
     encoder = None
     if getattr(pipe, "image_encoder", None) is None:  # ControlNet-XS, LEdits++ SD: no image encoder component
         encoder = ImageEncoder(ps.base("sdxl" if hasattr(pipe, "text_encoder_2") else "sd15").image_encoder,
@@ -147,15 +131,67 @@ def _ours(pipe, path, scale: float = SCALE, layout: bool = True) -> np.ndarray:
     ip = load(pipe, path, image_encoder=encoder)
     try:
         ip.set_images([ps.picture(1)], scale=scale)
-        takes = "ip_adapter_image_embeds" in inspect.signature(type(pipe).__call__).parameters
-        return _run(pipe, **(ip.pipeline_kwargs() if layout and takes else {}))
+        return _run(pipe, **(ip.pipeline_kwargs(pipe) if layout else {}))
     finally:
         ip.detach()
 
 
-def _theirs(pipe, path, scale: float = SCALE) -> np.ndarray:
+def _prepared(pipe) -> list[torch.Tensor]:
+    """diffusers' own [negative; positive] image embeds for the reference image (one image per prompt)."""
+    return pipe.prepare_ip_adapter_image_embeds(ps.picture(1), None, torch.device("cpu"), 1, True)
+
+
+def _unet_input_fix(pipe, fixes: set):
+    """A UNet pre-hook that hands the UNet what the pipeline meant: ``sag``: SAG's main pass (batch [uncond; cond])
+    gets [negative; positive] embeds instead of the positive half alone; ``listed``: KolorsPAG's tensor (the last
+    adapter's embeds, not the list) back in a list, as the UNet reads them."""
+    full = _prepared(pipe) if "sag" in fixes else None
+
+    def fix(_module, args, kwargs):
+        embeds = (kwargs.get("added_cond_kwargs") or {}).get("image_embeds")
+        sample = args[0] if args else kwargs["sample"]
+        if embeds is not None and "listed" in fixes and torch.is_tensor(embeds):
+            embeds = [embeds]
+        if embeds is not None and full is not None and 2 * embeds[0].shape[0] == sample.shape[0]:
+            embeds = full
+        if embeds is not None:
+            kwargs["added_cond_kwargs"] = {**kwargs["added_cond_kwargs"], "image_embeds": embeds}
+        return args, kwargs
+
+    return pipe.unet.register_forward_pre_hook(fix, with_kwargs=True)
+
+
+def _alt_encode_image(pipe, kind: str):
+    """AltDiffusion's encode_image asked for what the adapter reads (image embeds for global, hidden states for
+    plus), as StableDiffusionPipeline decides per projection layer."""
+    own = type(pipe).encode_image
+    pipe.encode_image = lambda image, device, n, hidden=None: own(pipe, image, device, n, kind != "global")
+
+
+#: pipelines whose image-prompt path is wrong in diffusers 0.42.1 -> how the oracle is driven around it
+#: (``embeds``: diffusers' own prepared embeds as ip_adapter_image_embeds; ``sag``/``listed``: _unet_input_fix;
+#: ``alt``: _alt_encode_image)
+ORACLE_FIXES = {
+    "KolorsPAGPipeline": {"embeds", "listed"}, "StableDiffusionPanoramaPipeline": {"embeds"},
+    "StableDiffusionSAGPipeline": {"sag"}, "AltDiffusionPipeline": {"alt"}, "AltDiffusionImg2ImgPipeline": {"alt"},
+    "StableDiffusionPipelineSafe": {"alt"},
+}
+
+
+def _theirs(pipe, path, scale: float = SCALE, kind: str = "global") -> np.ndarray:
+    fixes = ORACLE_FIXES.get(type(pipe).__name__, set())
     with diffusers_ip_adapter(pipe, [path], [scale]):
-        return _run(pipe, ip_adapter_image=ps.picture(1))
+        hook = _unet_input_fix(pipe, fixes) if fixes & {"sag", "listed"} else None
+        if "alt" in fixes:
+            _alt_encode_image(pipe, kind)
+        try:
+            if "embeds" in fixes:
+                return _run(pipe, ip_adapter_image_embeds=_prepared(pipe))
+            return _run(pipe, ip_adapter_image=ps.picture(1))
+        finally:
+            if hook is not None:
+                hook.remove()
+            pipe.__dict__.pop("encode_image", None)
 
 
 def _case(name: str, kind: str):
@@ -177,7 +213,7 @@ def test_pipeline_matches_diffusers(name, kind):
     path = ps.adapter_file(ps.shape_of(getattr(diffusers, name)), kind)
     base = _run(pipe)
     ours = _ours(pipe, path)
-    theirs = _theirs(pipe, path)
+    theirs = _theirs(pipe, path, kind=kind)
     assert ours.shape == theirs.shape == base.shape
     assert np.abs(theirs - base).max() > 1e-3  # the image prompt shows: the comparison means something
     assert np.abs(ours - theirs).max() <= 1e-4

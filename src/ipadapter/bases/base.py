@@ -54,6 +54,7 @@ class CallFacts:
     timestep: Any = None
     batch: int = 0  # samples in this call (before a denoiser folds frames into its batch)
     image_embeds: Any = None  # what the pipeline handed as image embeddings (our row markers, see core.rows)
+    frames: int = 1  # frames per sample the denoiser folds into its spatial layers' batch (AnimateDiff's videos)
     # transformer families: which branch of the image prompt this call is (the rows markers the generator handed
     # the pipeline, see bases/flux.py: 1 conditional, 2 unconditional; None: not said), and the image tokens'
     # position ids (Flux's img_ids: [tokens, 3], for region masks)

@@ -264,8 +264,9 @@ class UNetFamily(BaseFamily):
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         hw = (int(sample.shape[-2]), int(sample.shape[-1])) if sample is not None else None
         added = kwargs.get("added_cond_kwargs") or {}
+        frames = int(sample.shape[2]) if sample is not None and sample.ndim == 5 else 1  # [b, c, frames, h, w]
         return CallFacts(latent_hw=hw, timestep=timestep, batch=int(sample.shape[0]) if sample is not None else 0,
-                         image_embeds=added.get("image_embeds"))
+                         image_embeds=added.get("image_embeds"), frames=frames)
 
     # ------------------------------------------------------------------------------------ fitting adapters
     def check(self, config: AdapterConfig, denoiser: nn.Module, source: str = "adapter") -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import IPAdapterError
 from .joint import joint_layers
-from .rows import fit_rows, read_rows, unguided_rows
+from .rows import COND, UNCOND, dropped_uncond_rows, fit_rows, frame_index, read_rows, unguided_rows
 
 LAYOUT_HINT = "hand the pipeline the adapter's layout: pipe(..., **ip.pipeline_kwargs())"
 
@@ -121,6 +121,12 @@ class AdapterState:
         # the rows of [uncond; cond] the pipeline laid out for the current denoiser call (see core.rows), or None:
         # then the batch is taken as [uncond; cond] (the plain layout), and one that does not fit is an error
         self.call_rows: torch.Tensor | None = None
+        # how a branch's rows spread over its batch items (core.rows.frame_index): "repeat" (one image set per
+        # text prompt) or "hold" (one reference per batch item or frame, the last held; from frame_starts[j] on);
+        # frames: the current call's frames per denoiser sample (AnimateDiff folds them into the spatial batch)
+        self.row_map: str = "repeat"
+        self.frame_starts: tuple[int, ...] | None = None
+        self.frames: int = 1
         self._gathered: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
@@ -129,6 +135,7 @@ class AdapterState:
         self._gathered.clear()
         self.kv.clear()
         self.step_tokens = None
+        self.row_map, self.frame_starts = "repeat", None
         if cond is None:
             self.rows, self.has_uncond = 0, False
             return
@@ -191,6 +198,13 @@ class AdapterState:
         """
         if self.call_rows is not None:
             return self._rows_laid_out(index, batch)
+        if self.row_map == "hold":  # one reference per item or frame: the plain [uncond; cond] guess, then held
+            cfg = self.cfg if self.cfg is not None else (cfg_hint if cfg_hint is not None else self.has_uncond)
+            samples = batch // self.frames if batch % self.frames == 0 else batch
+            branches = torch.full((samples,), COND, dtype=torch.long)
+            if cfg and self.has_uncond:
+                branches[: samples // 2] = UNCOND
+            return self._gather(index, batch, branches)
         k, v = self.kv[index]
         cfg = self.cfg if self.cfg is not None else cfg_hint
         if cfg is None:
@@ -209,19 +223,37 @@ class AdapterState:
         """This layer's K/V gathered by the rows the pipeline laid out (cached while the same rows come back:
         pipelines hand the same embeddings at every step)."""
         rows = self.call_rows
-        cached = self._gathered.get((index, batch))
+        cached = self._gathered.get((index, batch, self.frames))
         if cached is not None and cached[0] is rows:
             return cached[1]
-        fitted = fit_rows(rows, batch)
+        frames = self.frames if batch % self.frames == 0 else 1
+        fitted = fit_rows(rows, batch // frames)  # the branch of each denoiser sample
         if fitted is None:
             raise IPAdapterError(
                 f"the pipeline laid out {rows.shape[0]} image-prompt rows for a denoiser batch of {batch}; "
                 "give one image prompt per adapter (ip.set_images) and no ip_adapter_image_embeds of your own"
             )
+        return self._gather(index, batch, fitted, rows)
+
+    def _gather(self, index: int, batch: int, branches: torch.Tensor, key=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K/V for a spatial batch of ``batch`` items whose denoiser samples are ``branches``."""
+        cached = self._gathered.get((index, batch, self.frames))
+        if key is None:
+            key = branches
+            if cached is not None and torch.equal(cached[0], branches):
+                return cached[1]
+        frames = batch // branches.shape[0]
+        per_branch = self.rows // 2 if self.has_uncond else self.rows
+        at = frame_index(branches, frames, per_branch, self.has_uncond, self.row_map, self.frame_starts)
+        if at is None:
+            raise IPAdapterError(
+                f"{per_branch} image sets for a denoiser batch of {batch} ({branches.shape[0]} sample(s)): give one "
+                "set per text prompt"
+            )
         k, v = self.kv[index]
-        kv = (k.index_select(0, fitted), v.index_select(0, fitted))
+        kv = (k.index_select(0, at.to(k.device)), v.index_select(0, at.to(v.device)))
         if not torch.is_grad_enabled():
-            self._gathered[(index, batch)] = (rows, kv)
+            self._gathered[(index, batch, self.frames)] = (key, kv)
         return kv
 
     def _expand(self, t: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
@@ -259,6 +291,9 @@ class Runtime:
         self.states: list[AdapterState] = []  # attached adapters, in the order of the pipeline's image embeds
         self._handed: tuple[list, list[torch.Tensor]] | None = None  # (embeds objects, their rows): last call's
         self.watched: tuple[nn.Module, nn.Module] | None = None  # (an attention layer, our processor on it)
+        # rows per adapter for calls that bring no markers, from a pipeline known to drop them (InstructPix2Pix,
+        # safe latent diffusion: see generation.pipeline.DROPPED_LAYOUTS); used where the batch fits them
+        self.expected_rows: list[torch.Tensor] | None = None
 
     @property
     def progress(self) -> float:
@@ -286,6 +321,8 @@ class Runtime:
         self.prompt_branch = getattr(facts, "prompt_branch", None)  # per call: None when this call says nothing
         self.token_ids = getattr(facts, "token_ids", None)
         self.check_processors()
+        for state in self.states:
+            state.frames = max(int(getattr(facts, "frames", 1) or 1), 1)
         self.follow_rows(getattr(facts, "image_embeds", None), getattr(facts, "batch", 0))
 
     def check_processors(self) -> None:
@@ -310,8 +347,12 @@ class Runtime:
         else:
             rows = read_rows(image_embeds) if image_embeds is not None else None
             if rows is not None:
-                rows = [unguided_rows(r, batch) for r in rows]
+                guided = bool(self.cfg_hint()) if self.cfg_hint is not None else True
+                rows = [dropped_uncond_rows(unguided_rows(r, batch), batch, guided) for r in rows]
             self._handed = (handed, rows) if rows is not None else None
+        if rows is None and self.expected_rows is not None and batch and \
+                all(batch % r.shape[0] == 0 for r in self.expected_rows):
+            rows = self.expected_rows
         if rows is not None and len(rows) != len(self.states):
             raise IPAdapterError(
                 f"the pipeline handed image-prompt rows for {len(rows)} adapter(s); {len(self.states)} attached "

@@ -224,7 +224,8 @@ class ImagePrompt:
     tiles: bool = False  # tiled IP-Adapter: each reference cut into 256 px tiles, each on its own region
     enhance_tiles: int = 1  # ClipVision enhancer: a tiles x tiles grid of pieces merged with the whole image
     enhance_ratio: float = 1.0  # ... the whole image's share
-    unfold_batch: bool = False  # image k of the batch gets reference k only
+    unfold_batch: bool = False  # image k of the batch gets reference k only (a video: frame k; the last held)
+    frame_starts: Sequence[int] | None = None  # with unfold_batch on a video: reference k from frame frame_starts[k]
     encode_batch_size: int = 0  # images per encoder call (0: all at once)
     negative_noise: str | None = None  # fade | dissolve | gaussian | shuffle: a negative image from noise
     noise_strength: float = 1.0
@@ -343,6 +344,7 @@ def _check_comfy(prompt: ImagePrompt, mode: str, layers):
                                 or prompt.composition_images):
         raise IPAdapterError("--unfold-batch gives image k to batch item k alone: it takes no --combine, "
                              "--image-weight, --image-mask, --tiles or --composition-image")
+    _check_frame_starts(prompt)
     if prompt.tiles and (mode != "concat" or prompt.weights or int(prompt.enhance_tiles) > 1):
         raise IPAdapterError("--tiles gives each tile its own tokens and region: it takes no --combine, "
                              "--image-weight or --enhance-tiles")
@@ -365,6 +367,25 @@ def _check_comfy(prompt: ImagePrompt, mode: str, layers):
     if prompt.composition_images and (prompt.weights or prompt.masks):
         raise IPAdapterError("--composition-image takes no --image-weight or --image-mask")
     return plan
+
+
+def _check_frame_starts(prompt: ImagePrompt) -> None:
+    starts = prompt.frame_starts
+    if starts is None:
+        return
+    name = param("frame_starts")
+    if not prompt.unfold_batch:
+        raise IPAdapterError(f"{name} places one reference per span of frames: it goes with {param('unfold_batch')}")
+    try:
+        values = [int(v) for v in starts]
+    except (TypeError, ValueError):
+        raise IPAdapterError(f"{name} {starts!r}: give whole frame numbers, one per image") from None
+    if any(v != float(f) for v, f in zip(values, starts)) or any(v < 0 for v in values) or \
+            any(b <= a for a, b in zip(values, values[1:])):
+        raise IPAdapterError(f"{name} {list(starts)}: give increasing whole frame numbers >= 0, one per image")
+    count = len(list(prompt.images or []))
+    if count and len(values) != count:
+        raise IPAdapterError(f"{len(values)} {name} for {count} image(s): give one first frame per image")
 
 
 def _plan_scales(plan, scale: float, block_scales: dict) -> tuple[float, dict]:
@@ -417,6 +438,17 @@ def _kv_scaling(mode: str) -> str:
         raise IPAdapterError(f"--embeds-scaling {mode!r}: use one of {', '.join(KV_SCALINGS)} (ComfyUI's V only, "
                              "K+V, K+V w/ C penalty, K+mean(V) w/ C penalty)")
     return key
+
+
+#: pipelines whose ``__call__`` hands the denoiser no ``ip_adapter_image_embeds`` (diffusers 0.42.1), with the
+#: branch (0 unconditional, 1 conditional image tokens) of each group of their batch, transcribed from their code
+DROPPED_LAYOUTS: dict[str, tuple[int, ...]] = {
+    # [text + image; image only; neither]: added_cond_kwargs only for ip_adapter_image, as [pos; neg; neg]
+    "StableDiffusionInstructPix2PixPipeline": (1, 0, 0),
+    # [unconditional; conditional; safety concept] under safety guidance; takes no ip_adapter_image_embeds, its
+    # ip_adapter_image goes in as [neg; pos; pos]
+    "StableDiffusionPipelineSafe": (0, 1, 1),
+}
 
 
 class IPAdapter:
@@ -580,6 +612,7 @@ class IPAdapter:
         if mode == "concat" and weights is not None and any(w != 1 for w in weights):
             image_weights = torch.tensor(weights, dtype=torch.float32)
         state = target.state
+        self._expect_rows(None)
         if target.config.time_conditioned:  # SD3.5: tokens are made at every step from what the pipeline hands
             _check_step_controls(masks, image_weights)
             state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
@@ -602,8 +635,10 @@ class IPAdapter:
         if plan is not None:
             state.scale, state.layer_scales = _plan_scales(plan, scale, layer_scales)
         state.masks, state.image_weights, state.kv_scaling = masks, image_weights, kv_scaling
-        if prompt.unfold_batch:  # one reference per batch item: n prompts of one image each
+        if prompt.unfold_batch:  # one reference per batch item (a video's frame), the last held
             state.set_tokens(tokens[0][:, None], tokens[1][:, None])
+            state.row_map = "hold"
+            state.frame_starts = tuple(int(v) for v in prompt.frame_starts) if prompt.frame_starts else None
         elif sets is not None:  # one image set per text prompt
             state.set_tokens(*tokens)
         else:
@@ -646,20 +681,34 @@ class IPAdapter:
         """Tokens of n images ([n, T, C]) -> one prompt of n images, stacked as [uncond; cond]."""
         adapter.state.set_tokens(cond[None], uncond[None])
 
-    def pipeline_kwargs(self) -> dict:
+    def pipeline_kwargs(self, pipe=None) -> dict:
         """What to hand a pipeline you call yourself so the adapters follow its own batch layout:
-        ``pipe(prompt=..., **ip.pipeline_kwargs())`` after :meth:`set_images`.
+        ``pipe(prompt=..., **ip.pipeline_kwargs())`` after :meth:`set_images` (``pipe``: the pipeline you call,
+        default the one the adapter follows, see :meth:`pipeline_for`).
 
         The pipeline lays out tiny row markers (``ip_adapter_image_embeds``, one per adapter, see
         :mod:`ipadapter.core.rows`) for its batch as it would lay out image embeddings: PAG's perturbed branch,
-        InstructPix2Pix's image-only branch, SAG's degraded pass, a video's frames. Without them the batch is taken
-        as [unconditional; conditional] rows, and a batch that does not fit that is an error.
+        SAG's degraded pass, a video's frames. Pipelines that hand the denoiser no ``ip_adapter_image_embeds``
+        (:data:`DROPPED_LAYOUTS`: InstructPix2Pix, safe latent diffusion) get the layout transcribed from their
+        code instead, until the next :meth:`set_images`. Without either the batch is taken as [unconditional;
+        conditional] rows, and a batch that does not fit that is an error.
         """
+        pipe = pipe if pipe is not None else self._followed
         if not attached(self.denoiser):  # no adapter (the text-only baseline): nothing to lay out
             return {}
+        n = len(attached(self.denoiser))
+        layout = DROPPED_LAYOUTS.get(type(pipe).__name__)
+        self._expect_rows([torch.tensor(layout, dtype=torch.long)] * n if layout else None)
+        if "ip_adapter_image_embeds" not in inspect.signature(type(pipe).__call__).parameters:
+            return {}
         weight = next(self.denoiser.parameters())
-        handed = markers(len(attached(self.denoiser)), device=weight.device, dtype=weight.dtype)
-        return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
+        handed = markers(n, device=weight.device, dtype=weight.dtype)
+        return {"ip_adapter_image_embeds": self._in_pipeline_order(pipe, handed)}
+
+    def _expect_rows(self, rows: list | None) -> None:
+        runtime = runtime_of(self.denoiser)
+        if runtime is not None:
+            runtime.expected_rows = rows
 
     @staticmethod
     def _in_pipeline_order(pipe, handed: list) -> list:
@@ -678,6 +727,7 @@ class IPAdapter:
     def clear(self) -> None:
         """Forget the prompt images and every control: the next ``pipe(...)`` runs the base model."""
         self._step_features.clear()
+        self._expect_rows(None)
         for adapter in self.adapters:
             _reset(adapter.state)
 
