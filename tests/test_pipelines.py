@@ -119,7 +119,7 @@ def _pipe(name: str):
 
 def _run(pipe, **extra) -> np.ndarray:
     ps.invert_first(pipe)
-    return ps.output_array(pipe(**ps.call_kwargs(pipe), **extra))
+    return ps.output_array(pipe(**{**ps.call_kwargs(pipe), **extra}))
 
 
 def _ours(pipe, path, scale: float = SCALE, layout: bool = True) -> np.ndarray:
@@ -312,3 +312,112 @@ def test_kolors_plus_from_the_cli_matches_diffusers(tmp_path, capsys):
                       width=ps.SIZE, generator=torch.Generator("cpu").manual_seed(0), ip_adapter_image=ps.picture(1),
                       output_type="pil").images[0]
     assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------ AnimateDiff: per frame
+def _recorded(ip) -> list:
+    """Every (layer index, spatial batch, image keys) the spatial layers gather during the next pipeline call."""
+    state, seen = ip.adapters[0].state, []
+    own = type(state).keys_values
+
+    def keys_values(index, batch, cfg_hint=None):
+        k, v = own(state, index, batch, cfg_hint)
+        seen.append((index, batch, k.clone()))
+        return k, v
+
+    state.keys_values = keys_values
+    return seen
+
+
+def _single_keys(ip, image) -> dict:
+    """Each layer's image keys [uncond; cond] for ``image`` alone (today's path), by layer index."""
+    ip.set_images([image], scale=SCALE)
+    return {i: k.clone() for i, (k, _) in ip.adapters[0].state.kv.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [True, False], ids=["markers", "plain"])
+def test_animatediff_one_reference_per_frame_reaches_that_frames_rows(layout):
+    """AnimateDiff folds a video's frames into the spatial layers' batch (UNetMotionModel: sample [b, c, f, h, w]
+    -> [b*f, c, h, w], sample-major). With ``unfold_batch`` every spatial cross-attention layer gives frame f of
+    each denoiser sample (CFG: [uncond; cond]) reference f's image keys of that branch, as ``set_images([ref_f])``
+    computes them; fewer references than frames hold the last (ComfyUI's unfold_batch), and ``frame_starts`` [0, 2]
+    spans reference 0 over frames 0-1. Checked on the layers' inputs: the motion modules mix the frames, so the
+    pixels of a frame are no single-reference run's. (The references are encoded in one batch: equal to the single
+    encodings up to float rounding, 1e-7 here; different references differ by ~0.05.)"""
+    from ipadapter.generation.pipeline import ImagePrompt
+
+    pipe = _pipe("AnimateDiffPipeline")
+    ip = load(pipe, ps.adapter_file("sd15", "global"))
+    frames = 3
+    refs = [ps.picture(30 + i) for i in range(frames)]
+    try:
+        single = [_single_keys(ip, r) for r in refs]
+        cases = [(refs, None, [0, 1, 2], 1), (refs[:2], None, [0, 1, 1], 1), (refs[:2], [0, 2], [0, 0, 1], 1),
+                 (refs, None, [0, 1, 2], 2)]  # two videos (two prompts: AnimateDiff ignores num_videos_per_prompt):
+        # each one's frame f, not the batch's item f
+        for images, starts, per_frame, videos in cases:
+            ip.set_images(prompt=ImagePrompt(images=images, scale=SCALE, unfold_batch=True, frame_starts=starts))
+            seen = _recorded(ip)
+            _run(pipe, num_frames=frames, prompt=["a red circle", "a blue square"][:videos],
+                 **(ip.pipeline_kwargs(pipe) if layout else {}))
+            del ip.adapters[0].state.keys_values
+            assert seen and all(batch == 2 * videos * frames for _, batch, _ in seen)
+            for index, _, k in seen:
+                for sample, branch in enumerate([0] * videos + [1] * videos):  # [uncond; cond]
+                    for f in range(frames):
+                        want = single[per_frame[f]][index][branch]
+                        got = k[sample * frames + f]  # encoded in one batch: equal up to float rounding
+                        assert torch.allclose(got, want.to(got), atol=1e-5), (len(images), starts, index, sample, f)
+    finally:
+        ip.detach()
+
+
+@pytest.mark.slow
+def test_animatediff_same_reference_on_every_frame_is_todays_path_bit_for_bit():
+    """One reference held over every frame is today's path exactly; the reference given once per frame is encoded
+    as one batch of copies (equal up to float rounding)."""
+    from ipadapter.generation.pipeline import ImagePrompt
+
+    pipe = _pipe("AnimateDiffPipeline")
+    path = ps.adapter_file("sd15", "global")
+    ip = load(pipe, path)
+    try:
+        ip.set_images([ps.picture(30)], scale=SCALE)
+        today = _run(pipe, **ip.pipeline_kwargs(pipe))
+        outs = {}
+        for name, images in (("held", [ps.picture(30)]), ("each", [ps.picture(30)] * ps.FRAMES),
+                             ("varied", [ps.picture(30), ps.picture(31)])):
+            ip.set_images(prompt=ImagePrompt(images=images, scale=SCALE, unfold_batch=True))
+            outs[name] = _run(pipe, **ip.pipeline_kwargs(pipe))
+    finally:
+        ip.detach()
+    assert np.array_equal(outs["held"], today)
+    assert np.abs(outs["each"] - today).max() <= 1e-5
+    assert np.abs(outs["varied"] - today).max() > 1e-3  # a second reference on frame 1 shows
+
+
+def test_frame_index_lays_references_over_frames_and_refuses_bad_frame_starts():
+    from ipadapter.core.rows import frame_index
+    from ipadapter.generation.pipeline import ImagePrompt, IPAdapter
+
+    branches = torch.tensor([0, 1])  # [uncond; cond] denoiser samples, 3 frames each; 2 references per branch
+    assert frame_index(branches, 3, 2, True, "hold").tolist() == [0, 1, 1, 2, 3, 3]
+    assert frame_index(branches, 3, 2, True, "hold", starts=[0, 1]).tolist() == [0, 1, 1, 2, 3, 3]
+    assert frame_index(branches, 3, 2, True, "hold", starts=[0, 2]).tolist() == [0, 0, 1, 2, 2, 3]
+    assert frame_index(branches, 3, 1, True).tolist() == [0, 0, 0, 1, 1, 1]  # one reference: today's rows
+    assert frame_index(torch.tensor([1, 1]), 1, 2, False, "hold").tolist() == [0, 1]  # no uncond rows, no frames
+    assert frame_index(torch.tensor([0, 0, 1, 1]), 1, 2, True).tolist() == [0, 1, 2, 3]  # one set per prompt
+    assert frame_index(branches, 3, 2, True) is None  # 3 items per branch, 2 sets: no equal runs
+    pipe = _pipe("AnimateDiffPipeline")
+    ip = load(pipe, ps.adapter_file("sd15", "global"))
+    try:
+        for starts, match in (([0, 2], "goes with unfold_batch"), ([2, 1], "increasing"), ([0], "1 frame_starts for 2"),
+                              ([0, 1.5], "whole")):
+            prompt = ImagePrompt(images=[ps.picture(1), ps.picture(2)], unfold_batch=match != "goes with unfold_batch",
+                                 frame_starts=starts)
+            with pytest.raises(IPAdapterError, match=match) as err:
+                IPAdapter.set_images(ip, prompt=prompt)
+            assert "\n" not in str(err.value)
+    finally:
+        ip.detach()
