@@ -117,6 +117,12 @@ def _pipe(name: str):
     return ps.build(getattr(diffusers, name))
 
 
+@functools.cache
+def _base_output(name: str) -> np.ndarray:
+    """The class's output without an image prompt (the same for both kinds: run once)."""
+    return _run(_pipe(name))
+
+
 def _run(pipe, **extra) -> np.ndarray:
     ps.invert_first(pipe)
     return ps.output_array(pipe(**{**ps.call_kwargs(pipe), **extra}))
@@ -211,7 +217,7 @@ def test_pipeline_matches_diffusers(name, kind):
 
     pipe = _pipe(name)
     path = ps.adapter_file(ps.shape_of(getattr(diffusers, name)), kind)
-    base = _run(pipe)
+    base = _base_output(name)
     ours = _ours(pipe, path)
     theirs = _theirs(pipe, path, kind=kind)
     assert ours.shape == theirs.shape == base.shape
@@ -421,3 +427,15 @@ def test_frame_index_lays_references_over_frames_and_refuses_bad_frame_starts():
             assert "\n" not in str(err.value)
     finally:
         ip.detach()
+
+
+def test_readme_lists_exactly_the_compared_pipelines():
+    """README's pipeline list is this test's COMPARED list (a class that joins or leaves must show there)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("**Pipelines.**"):text.index("(each name + `Pipeline`)")]
+    listed = set(re.findall(r"`(\w+)`", section.split(":", 1)[1]))
+    assert {n if n.endswith("Safe") else n.removesuffix("Pipeline") for n in COMPARED} == listed
+    assert f"each of these {len(COMPARED)}" in section
