@@ -36,7 +36,7 @@ from ipadapter.bases import unet_layers
 from ipadapter.bases.unet import spatial_name
 from ipadapter.core.encoders import ImageEncoder
 from ipadapter.core.errors import IPAdapterError
-from ipadapter.core.rows import fit_rows, markers, read_rows, unguided_rows
+from ipadapter.core.rows import dropped_uncond_rows, fit_rows, markers, read_rows, unguided_rows
 from ipadapter.generation.pipeline import load
 
 SCALE = 0.7
@@ -294,6 +294,10 @@ def test_markers_read_back_as_rows_through_a_pipelines_layout():
     assert fit_rows(torch.tensor([0, 1]), 6).tolist() == [0, 0, 0, 1, 1, 1]  # frames folded into the batch
     assert fit_rows(torch.tensor([0, 1, 1]), 4) is None
     assert unguided_rows(torch.tensor([0, 1, 0, 1]), 2).tolist() == [1, 1]  # no guidance: pairs taken as positive
+    sag = torch.tensor([1])  # SAG's guided pass: image_embeds.chunk(2)[1] for its [uncond; cond] batch
+    assert dropped_uncond_rows(sag, 2, guided=True).tolist() == [0, 1]
+    assert dropped_uncond_rows(sag, 2, guided=False).tolist() == [1]
+    assert dropped_uncond_rows(torch.tensor([1, 1]), 2, guided=True).tolist() == [1, 1]  # PAG without CFG
 
 
 # ------------------------------------------------------------------------------------------------ Kolors CLI
