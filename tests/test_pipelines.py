@@ -443,3 +443,21 @@ def test_readme_lists_exactly_the_compared_pipelines():
     listed = set(re.findall(r"`(\w+)`", section.split(":", 1)[1]))
     assert {n if n.endswith("Safe") else n.removesuffix("Pipeline") for n in COMPARED} == listed
     assert f"each of these {len(COMPARED)}" in section
+
+
+def test_image_sets_per_text_prompt_follow_the_markers_as_the_plain_layout():
+    """One image set per text prompt (``set_images([[a], [b]])`` for two prompts): handed row markers, the rows are
+    [uncond a; uncond b; cond a; cond b] as without them (the markers name the branch, the state its sets)."""
+    pipe = _pipe("StableDiffusionPipeline")
+    ip = load(pipe, ps.adapter_file("sd15", "global"))
+    try:
+        ip.set_images([[ps.picture(1)], [ps.picture(2)]], scale=SCALE)
+        two = {"prompt": ["a red circle", "a blue square"]}
+        plain = _run(pipe, **two)
+        laid_out = _run(pipe, **two, **ip.pipeline_kwargs(pipe))
+        ip.set_images([[ps.picture(1)], [ps.picture(1)]], scale=SCALE)
+        same = _run(pipe, **two, **ip.pipeline_kwargs(pipe))
+    finally:
+        ip.detach()
+    assert np.array_equal(plain, laid_out)
+    assert np.abs(same[1] - laid_out[1]).max() > 1e-3  # prompt 1 reads its own set
