@@ -128,11 +128,13 @@ class AdapterState:
         self.frame_starts: tuple[int, ...] | None = None
         self.frames: int = 1
         self._gathered: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._last_index: tuple | None = None  # (rows key, batch, frames, index) of the last gather's layout
 
     def set_tokens(self, cond: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
         """Set the image tokens ([b, T, C] or [b, n_images, T, C]) and compute every layer's K/V once."""
         self._expanded.clear()
         self._gathered.clear()
+        self._last_index = None
         self.kv.clear()
         self.step_tokens = None
         self.row_map, self.frame_starts = "repeat", None
@@ -240,21 +242,30 @@ class AdapterState:
         cached = self._gathered.get((index, batch, self.frames))
         if key is None:
             key = branches
-            if cached is not None and torch.equal(cached[0], branches):
+            if cached is not None and _same(cached[0], branches):
                 return cached[1]
-        frames = batch // branches.shape[0]
-        per_branch = self.rows // 2 if self.has_uncond else self.rows
-        at = frame_index(branches, frames, per_branch, self.has_uncond, self.row_map, self.frame_starts)
+        at = self._index(branches, batch, key)
         if at is None:
-            raise IPAdapterError(
-                f"{per_branch} image sets for a denoiser batch of {batch} ({branches.shape[0]} sample(s)): give one "
-                "set per text prompt"
-            )
+            sets = self.rows // 2 if self.has_uncond else self.rows
+            raise IPAdapterError(f"{sets} image sets for a denoiser batch of {batch} ({branches.shape[0]} sample(s)): "
+                                 "give one set per text prompt")
         k, v = self.kv[index]
         kv = (k.index_select(0, at.to(k.device)), v.index_select(0, at.to(v.device)))
         if not torch.is_grad_enabled():
             self._gathered[(index, batch, self.frames)] = (key, kv)
         return kv
+
+    def _index(self, branches: torch.Tensor, batch: int, key) -> torch.Tensor | None:
+        """The token row of each spatial item (core.rows.frame_index), worked out once for all layers of a call."""
+        last = self._last_index
+        if last is not None and last[1] == batch and last[2] == self.frames and \
+                (last[0] is key or (key is branches and _same(last[0], branches))):
+            return last[3]
+        per_branch = self.rows // 2 if self.has_uncond else self.rows
+        at = frame_index(branches, batch // branches.shape[0], per_branch, self.has_uncond, self.row_map,
+                         self.frame_starts)
+        self._last_index = (key, batch, self.frames, at)
+        return at
 
     def _expand(self, t: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
         if cfg and self.has_uncond:
@@ -273,6 +284,10 @@ class AdapterState:
                 f"denoiser on part of its batch): {LAYOUT_HINT}"
             )
         return cond.repeat_interleave(batch // cond.shape[0], 0)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.device == b.device and a.shape == b.shape and torch.equal(a, b))
 
 
 class Runtime:

@@ -91,7 +91,9 @@ def frame_index(branches: torch.Tensor, frames: int, per_branch: int, has_uncond
       ``starts[j]`` until the next one's.
 
     None when the rows cannot be laid out so (a ``repeat`` branch whose item count is no multiple of its rows).
+    Worked out on the CPU (a few numbers; the caller caches it for the call) and returned on ``branches``' device.
     """
+    device, branches = branches.device, branches.detach().cpu()
     frames = max(int(frames), 1)
     m = max(int(per_branch), 1)
     out = torch.empty(branches.shape[0] * frames, dtype=torch.long)
@@ -113,4 +115,4 @@ def frame_index(branches: torch.Tensor, frames: int, per_branch: int, has_uncond
                 pos = torch.searchsorted(torch.tensor(list(starts)), pos, right=True) - 1
             rows = pos.clamp(0, m - 1)
         out[items] = rows + (branch * m if has_uncond else 0)
-    return out.to(branches.device)
+    return out.to(device)
