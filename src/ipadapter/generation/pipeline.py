@@ -869,10 +869,10 @@ class IPAdapter:
                     raise IPAdapterError(f"--unfold-batch: {refs} reference image(s) for a batch of {batch} "
                                          "(prompts x --num-images); give one reference per image")
             step_inputs = self.pipeline_inputs(guidance_scale)  # timestep-dependent tokens (SD3.5): the features
-            one_prompt = all(a.state.rows in (0, 2) for a in self.adapters)  # --unfold-batch: rows per image
             if step_inputs:
                 call.update(step_inputs)
-            elif not family_kwargs and "ip_adapter_image_embeds" in accepted and one_prompt:  # the pipeline's rows
+            elif not family_kwargs and "ip_adapter_image_embeds" in accepted:  # the pipeline's rows (image sets
+                # and unfolded batches too: the markers name the branch, each adapter's state its rows)
                 call.update(self.pipeline_kwargs())
             return pipe(**call).images
         finally:
