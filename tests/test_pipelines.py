@@ -36,7 +36,7 @@ from ipadapter.bases import unet_layers
 from ipadapter.bases.unet import spatial_name
 from ipadapter.core.encoders import ImageEncoder
 from ipadapter.core.errors import IPAdapterError
-from ipadapter.core.rows import dropped_uncond_rows, fit_rows, markers, read_rows, unguided_rows
+from ipadapter.core.rows import call_rows, dropped_uncond_rows, fit_rows, markers, read_rows, unguided_rows
 from ipadapter.generation.pipeline import load
 
 SCALE = 0.7
@@ -298,6 +298,9 @@ def test_markers_read_back_as_rows_through_a_pipelines_layout():
     assert dropped_uncond_rows(sag, 2, guided=True).tolist() == [0, 1]
     assert dropped_uncond_rows(sag, 2, guided=False).tolist() == [1]
     assert dropped_uncond_rows(torch.tensor([1, 1]), 2, guided=True).tolist() == [1, 1]  # PAG without CFG
+    two_prompts = torch.tensor([0, 1])  # no guidance, two text prompts: diffusers takes the marker as positive rows
+    assert call_rows(two_prompts, 2, guided=False).tolist() == [1, 1]
+    assert call_rows(two_prompts, 2, guided=True).tolist() == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------ Kolors CLI
@@ -461,3 +464,24 @@ def test_image_sets_per_text_prompt_follow_the_markers_as_the_plain_layout():
         ip.detach()
     assert np.array_equal(plain, laid_out)
     assert np.abs(same[1] - laid_out[1]).max() > 1e-3  # prompt 1 reads its own set
+
+
+@pytest.mark.parametrize(("name", "prompts"), [("LatentConsistencyModelPipeline", 2),
+                                               ("StableDiffusionPanoramaPipeline", 1)])
+def test_markers_and_the_plain_layout_agree_where_the_guidance_flag_decides(name, prompts):
+    """LCM never guides: with two text prompts every row is a conditional one (diffusers reads
+    ip_adapter_image_embeds as positive without guidance; it repeats the marker per prompt, and each
+    [negative; positive] pair is read as one positive row). Panorama guides while its do_classifier_free_guidance
+    property says False: its batch is [uncond; cond] (without the layout too: the adapter reads its guidance_scale)."""
+    import diffusers
+
+    pipe = _pipe(name)
+    ip = load(pipe, ps.adapter_file(ps.shape_of(getattr(diffusers, name)), "global"))
+    text = {"prompt": ["a red circle", "a blue square"][:prompts]}
+    try:
+        ip.set_images([ps.picture(1)], scale=SCALE)
+        plain = _run(pipe, **text)
+        laid_out = _run(pipe, **text, **ip.pipeline_kwargs(pipe))
+    finally:
+        ip.detach()
+    assert np.array_equal(plain, laid_out)

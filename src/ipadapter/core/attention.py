@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import IPAdapterError
 from .joint import joint_layers
-from .rows import COND, UNCOND, dropped_uncond_rows, fit_rows, frame_index, read_rows, unguided_rows
+from .rows import COND, UNCOND, call_rows, fit_rows, frame_index, read_rows
 
 LAYOUT_HINT = "hand the pipeline the adapter's layout: pipe(..., **ip.pipeline_kwargs())"
 
@@ -363,7 +363,7 @@ class Runtime:
             rows = read_rows(image_embeds) if image_embeds is not None else None
             if rows is not None:
                 guided = bool(self.cfg_hint()) if self.cfg_hint is not None else True
-                rows = [dropped_uncond_rows(unguided_rows(r, batch), batch, guided) for r in rows]
+                rows = [call_rows(r, batch, guided) for r in rows]
             self._handed = (handed, rows) if rows is not None else None
         if rows is None and self.expected_rows is not None and batch and \
                 all(batch % r.shape[0] == 0 for r in self.expected_rows):

@@ -66,6 +66,16 @@ def unguided_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
     return rows
 
 
+def call_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
+    """The rows a pipeline meant for a denoiser call of ``batch`` samples. Without guidance every row it hands is
+    a conditional one (diffusers reads ``ip_adapter_image_embeds`` as positive embeds then: several text prompts
+    get the ``[negative; positive]`` marker as two prompts' rows); with guidance, see :func:`dropped_uncond_rows`."""
+    rows = unguided_rows(rows, batch)
+    if not guided:
+        return torch.full_like(rows, COND)
+    return dropped_uncond_rows(rows, batch, guided)
+
+
 def dropped_uncond_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     """A guided call whose pipeline handed only conditional rows for a batch twice (or an even multiple of) their
     number dropped the unconditional ones (SAG's main pass hands ``image_embeds.chunk(2)[1]`` for its

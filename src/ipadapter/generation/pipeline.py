@@ -451,6 +451,14 @@ DROPPED_LAYOUTS: dict[str, tuple[int, ...]] = {
 }
 
 
+def _guides(pipe) -> bool:
+    """Whether the pipeline's current call guides (its own flag; Panorama's ``do_classifier_free_guidance`` property
+    is always False while its loop guides when ``guidance_scale > 1``)."""
+    if type(pipe).__name__ == "StableDiffusionPanoramaPipeline":
+        return float(getattr(pipe, "guidance_scale", 1.0)) > 1.0
+    return bool(getattr(pipe, "do_classifier_free_guidance", True))
+
+
 class IPAdapter:
     """A diffusers pipeline with one or more adapters attached to its UNet.
 
@@ -482,7 +490,7 @@ class IPAdapter:
         """The adapter reads whether guidance is on from the pipeline that runs (see :meth:`pipeline_for`)."""
         runtime = runtime_of(self.denoiser)
         if runtime is not None:
-            runtime.cfg_hint = lambda: bool(getattr(pipe, "do_classifier_free_guidance", True))
+            runtime.cfg_hint = lambda: _guides(pipe)
         self._followed = pipe
 
     # -------------------------------------------------------------------------------------------- tokens
