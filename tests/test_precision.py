@@ -227,3 +227,39 @@ def test_inductor_compiled_unet_gives_eagers_image(prompt_images, tmp_path):
                                              prompt="a cat", height=32, width=32, **WINDOW)
     assert after[0] >= 1 and after == [after[0]] * len(after), f"graphs compiled after each step: {after}"
     assert np.abs(fast - eager).max() <= 1e-4
+
+
+def test_compiled_flux_transformer_through_generate_reuses_its_graphs(tmp_path):
+    """Flux (XLabs adapter, true CFG: two transformer calls per step, one per branch) under a schedule: no graph
+    compiled after step 1, eager's image."""
+    from ipadapter.testing import random_flux_adapter, tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    random_flux_adapter(pipe.transformer, "xlabs", embed_dim=48).save(tmp_path / "xlabs.safetensors")
+    ip = load(pipe, tmp_path / "xlabs.safetensors")
+    image = _image()
+    eager, fast, after = compiled_generation(ip, _counting_backend, images=[image], prompt="a cat",
+                                             negative_prompt="blurry", true_cfg_scale=2.0, height=32, width=32,
+                                             max_sequence_length=16, **WINDOW)
+    assert after[0] >= 1 and after == [after[0]] * len(after), f"graphs compiled after each step: {after}"
+    assert np.abs(fast - eager).max() <= 1e-5
+
+
+def test_compiled_sd3_transformer_through_generate_reuses_its_graphs(tmp_path):
+    """SD3.5 (time-plus adapter: the resampler runs inside the transformer call, once per step) under a
+    schedule: no graph compiled after step 1, eager's image."""
+    from ipadapter.testing import random_time_plus_adapter, tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    random_time_plus_adapter(pipe.transformer, pipe.image_encoder).save(tmp_path / "sd35.safetensors")
+    ip = load(pipe, tmp_path / "sd35.safetensors")
+    eager, fast, after = compiled_generation(ip, _counting_backend, images=[_image()], prompt="a cat",
+                                             guidance_scale=5.0, height=32, width=32, **WINDOW)
+    assert after[0] >= 1 and after == [after[0]] * len(after), f"graphs compiled after each step: {after}"
+    assert np.abs(fast - eager).max() <= 1e-5
+
+
+def _image():
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype(np.uint8))

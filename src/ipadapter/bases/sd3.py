@@ -42,7 +42,7 @@ class StepTokens:
         # the denoising progress only matters under start/end or a curve (reading it syncs a GPU)
         # (under torch.compile a 0-d tensor, and so are the scheduled scales: core.attention.call_progress)
         progress = call_progress(timestep, self.runtime.num_train_timesteps) if state.schedule is not None else 0.0
-        state.kv.clear()
+        state.kv = {}  # a new dict, not the last step's emptied (under torch.compile its keys are guarded)
         state.step_scales = {i: state.effective_scale(i, progress) for i in state.layers}
         if all(is_zero(s) for s in state.step_scales.values()):  # scale 0, or outside start..end: no resampler
             state.step_tokens = None
