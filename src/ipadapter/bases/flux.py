@@ -315,8 +315,9 @@ class FluxFamily(BaseFamily):
         """The row markers in place of the pipeline's image embeddings (see the module docstring)."""
         transformer = pipe.transformer
         attachment = getattr(transformer, "_ipadapter", None)
-        if attachment is not None:
-            attachment.runtime.patch = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+        if attachment is None:  # no adapter (the text-only baseline): the pipeline as it is, no image embeds
+            return {}
+        attachment.runtime.patch = int(getattr(pipe, "vae_scale_factor", 8)) * 2
         device = next(transformer.parameters()).device
         return {"ip_adapter_image_embeds": prompt_markers(COND, device),
                 "negative_ip_adapter_image_embeds": prompt_markers(UNCOND, device)}
