@@ -32,7 +32,7 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime, caching, is_one, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
+from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, execution_device, flow_matching
 
 #: marker widths: what a transformer call's ``ip_adapter_image_embeds`` rows say about the call
 COND, UNCOND = 1, 2
@@ -318,7 +318,7 @@ class FluxFamily(BaseFamily):
         if attachment is None:  # no adapter (the text-only baseline): the pipeline as it is, no image embeds
             return {}
         attachment.runtime.patch = int(getattr(pipe, "vae_scale_factor", 8)) * 2
-        device = next(transformer.parameters()).device
+        device = execution_device(transformer)  # (offloaded weights may be on meta)
         return {"ip_adapter_image_embeds": prompt_markers(COND, device),
                 "negative_ip_adapter_image_embeds": prompt_markers(UNCOND, device)}
 

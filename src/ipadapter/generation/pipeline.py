@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..bases import attach, attached, check, denoiser_of, detach, family_of, runtime_of
+from ..bases import attach, attached, check, denoiser_of, detach, execution_device, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.config import FLAVOURS
@@ -657,8 +657,8 @@ class IPAdapter:
         """
         if not attached(self.denoiser):  # no adapter (the text-only baseline): nothing to lay out
             return {}
-        weight = next(self.denoiser.parameters())
-        handed = markers(len(attached(self.denoiser)), device=weight.device, dtype=weight.dtype)
+        weight = next(self.denoiser.parameters())  # its dtype; the device: where it computes (offloading: not meta)
+        handed = markers(len(attached(self.denoiser)), device=execution_device(self.denoiser), dtype=weight.dtype)
         return {"ip_adapter_image_embeds": self._in_pipeline_order(self._followed, handed)}
 
     @staticmethod
@@ -964,7 +964,7 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
         param = next(denoiser.parameters())
-        encoder.model.to(param.device, param.dtype)  # the encoder follows the pipeline
+        encoder.model.to(execution_device(denoiser), param.dtype)  # the encoder follows the pipeline
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     ip = IPAdapter(pipe, loaded, encoder)
