@@ -315,14 +315,15 @@ class Runtime:
         """Give every adapter the rows the pipeline laid out in ``image_embeds`` (our markers) for a denoiser
         call on ``batch`` samples, or None when it handed none."""
         handed = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
-        if caching() and self._handed is not None and len(handed) == len(self._handed[0]) and all(
+        keep = not torch.compiler.is_compiling()  # (row indices carry no gradients: kept while training too)
+        if keep and self._handed is not None and len(handed) == len(self._handed[0]) and all(
                 a is b for a, b in zip(handed, self._handed[0])):
             rows = self._handed[1]  # the very tensors of the last call: same rows, the layers' caches hold
         else:
             rows = read_rows(image_embeds) if image_embeds is not None else None
             if rows is not None:
                 rows = [unguided_rows(r, batch) for r in rows]
-            if caching():
+            if keep:
                 self._handed = (handed, rows) if rows is not None else None
         if rows is not None and len(rows) != len(self.states):
             raise IPAdapterError(
