@@ -307,3 +307,18 @@ def test_offloaded_denoiser_gives_the_same_image(tmp_path, family, order):
         ip = load(pipe, path)
     assert any(p.device.type == "meta" for p in denoiser.parameters())  # the weights really are offloaded
     assert np.array_equal(ip.generate(**call), plain)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_flux_and_sd3_adapters_and_encoders_follow_a_bf16_pipeline(tmp_path, family):
+    """A bf16 Flux / SD3 pipeline: the adapter (fp32 file) and the pipeline's image encoder come to bf16, and a
+    generation with a schedule runs to a finite image. (bf16 against fp32 is no test of correctness on these tiny
+    random models: their bf16 rounding moves the image as much as the adapter does on SD3.)"""
+    pipe, path, extra = _family_pipeline(family, tmp_path)
+    pipe = pipe.to(dtype=torch.bfloat16)
+    ip = load(pipe, path)
+    assert {p.dtype for p in ip.adapters[0].parameters()} == {torch.bfloat16}
+    assert next(ip.image_encoder.model.parameters()).dtype == torch.bfloat16
+    out = ip.generate(images=[_image()], prompt="a cat", num_inference_steps=2, height=32, width=32, seed=0,
+                      output_type="np", **WINDOW, **extra)
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
