@@ -16,7 +16,7 @@ from ..core.adapter import Adapter
 from ..core.attention import Runtime
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, Layer, TrainingParts
+from .base import BaseFamily, CallFacts, Layer, TrainingParts, execution_device
 from .flux import FLUX
 from .sd3 import SD3
 from .unet import UNET
@@ -114,7 +114,7 @@ def attach(denoiser: nn.Module, adapter: Adapter, source: str = "adapter") -> Ad
         attachment = _Attachment(denoiser, family)
         object.__setattr__(denoiser, "_ipadapter", attachment)  # plain attribute, not a submodule
     param = next(denoiser.parameters())
-    adapter.to(device=param.device, dtype=param.dtype)
+    adapter.to(device=execution_device(denoiser), dtype=param.dtype)  # (offloaded weights may be on meta)
     processors = family.processors(denoiser)
     for layer in family.layers(denoiser):
         key = str(layer.index)
@@ -172,5 +172,6 @@ unet_layers = layers_of
 
 __all__ = [
     "FAMILIES", "BaseFamily", "CallFacts", "Layer", "TrainingParts", "attach", "attached", "check", "denoiser_of",
-    "describe", "detach", "family_for_index", "family_of", "layers_of", "new_adapter", "runtime_of", "unet_layers",
+    "describe", "detach", "execution_device", "family_for_index", "family_of", "layers_of", "new_adapter",
+    "runtime_of", "unet_layers",
 ]

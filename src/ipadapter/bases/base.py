@@ -275,3 +275,13 @@ class BaseFamily:
             return StableDiffusionXLPipeline(**parts)
         return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+
+
+def execution_device(denoiser: nn.Module) -> torch.device:
+    """Where the denoiser computes: under accelerate's offloading (``cpu_offload``, ``enable_*_cpu_offload``) its
+    hooks' execution device, while its weights sit on the meta device or the CPU; else its weights' device."""
+    for module in denoiser.modules():
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterSlots, AdapterState, Runtime
+from ..core.attention import AdapterSlots, AdapterState, Runtime, caching, is_one, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
+from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, execution_device, flow_matching
 
 #: marker widths: what a transformer call's ``ip_adapter_image_embeds`` rows say about the call
 COND, UNCOND = 1, 2
@@ -74,14 +74,14 @@ class FluxIPProcessor(AdapterSlots):
         self.single = single
         self.base = None  # the block's own processor, set when installed: it runs whenever no image acts
 
-    def _acting(self) -> list[tuple[AdapterState, float, str]]:
+    def _acting(self) -> list[tuple[AdapterState, float | torch.Tensor, str]]:
         acting = []
         for state in self.states:
             if not state.active or self.index not in state.kv:
                 continue
             progress = self.runtime.progress if state.schedule is not None else 0.0
-            scale = state.effective_scale(self.index, progress)
-            if scale != 0:
+            scale = state.effective_scale(self.index, progress)  # a 0-d tensor under torch.compile with a schedule
+            if not is_zero(scale):
                 acting.append((state, scale, getattr(state, "flavour", "xlabs")))
         return acting
 
@@ -144,7 +144,7 @@ class FluxIPProcessor(AdapterSlots):
                     bias = bias.view(1, 1, 1, -1)
                 out = sdpa(query, k.flatten(1, 2), v.flatten(1, 2), bias)
                 out = out.reshape(batch, seq, -1).to(query.dtype)
-                out = out if scale == 1 else scale * out
+                out = out if is_one(scale) else scale * out
             else:
                 out = None
                 for j in range(k.shape[1]):
@@ -164,7 +164,7 @@ def branch_kv(state: AdapterState, index: int, runtime: Runtime, batch: int, hea
     (computed once per generation and branch; InstantX's RMS norms applied there too)."""
     branch = runtime.prompt_branch or COND
     key = ("flux", index, branch, batch)
-    cached = state._expanded.get(key)
+    cached = state._expanded.get(key) if caching() else None
     if cached is not None:
         return cached
     k, v = state.kv[index]  # [rows, n, T, W]; rows = [uncond; cond] when the state has an unconditional branch
@@ -180,7 +180,7 @@ def branch_kv(state: AdapterState, index: int, runtime: Runtime, batch: int, hea
     k, v = (t.unflatten(-1, (heads, -1)) for t in (k, v))
     if rms:
         k, v = _rms(k), _rms(v)
-    if not torch.is_grad_enabled():
+    if caching():
         state._expanded[key] = (k, v)
     return k, v
 
@@ -189,8 +189,9 @@ def token_masks(state: AdapterState, runtime: Runtime, seq: int, like: torch.Ten
     """Region masks [n_images, H, W] at the output size -> one weight per query token [n_images, seq]: image
     tokens read their mask at their own (row, col) position id; text tokens (single blocks) get 1."""
     ids = runtime.token_ids
-    key = ("flux-masks", seq, None if ids is None else (ids.data_ptr(), tuple(ids.shape)))
-    cached = state._expanded.get(key)
+    keep = not torch.compiler.is_compiling()  # (no gradients here: kept while training too)
+    key = ("flux-masks", seq, None if ids is None or not keep else (ids.data_ptr(), tuple(ids.shape)))
+    cached = state._expanded.get(key) if keep else None
     if cached is not None:
         return cached
     masks = state.masks.float()
@@ -204,7 +205,8 @@ def token_masks(state: AdapterState, runtime: Runtime, seq: int, like: torch.Ten
     image = small[:, rows, cols]  # [n, S_img]
     text = torch.ones(masks.shape[0], seq - image.shape[1], device=image.device)
     out = torch.cat([text, image], dim=1).to(like)
-    state._expanded[key] = out
+    if keep:
+        state._expanded[key] = out
     return out
 
 
@@ -313,9 +315,10 @@ class FluxFamily(BaseFamily):
         """The row markers in place of the pipeline's image embeddings (see the module docstring)."""
         transformer = pipe.transformer
         attachment = getattr(transformer, "_ipadapter", None)
-        if attachment is not None:
-            attachment.runtime.patch = int(getattr(pipe, "vae_scale_factor", 8)) * 2
-        device = next(transformer.parameters()).device
+        if attachment is None:  # no adapter (the text-only baseline): the pipeline as it is, no image embeds
+            return {}
+        attachment.runtime.patch = int(getattr(pipe, "vae_scale_factor", 8)) * 2
+        device = execution_device(transformer)  # (offloaded weights may be on meta)
         return {"ip_adapter_image_embeds": prompt_markers(COND, device),
                 "negative_ip_adapter_image_embeds": prompt_markers(UNCOND, device)}
 

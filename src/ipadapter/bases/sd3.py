@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterSlots, AdapterState, Runtime
+from ..core.attention import AdapterSlots, AdapterState, Runtime, call_progress, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
 from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
@@ -40,10 +40,11 @@ class StepTokens:
     def __call__(self, embeds: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         state = self.states[0]
         # the denoising progress only matters under start/end or a curve (reading it syncs a GPU)
-        progress = _progress(timestep, self.runtime.num_train_timesteps) if state.schedule is not None else 0.0
-        state.kv.clear()
+        # (under torch.compile a 0-d tensor, and so are the scheduled scales: core.attention.call_progress)
+        progress = call_progress(timestep, self.runtime.num_train_timesteps) if state.schedule is not None else 0.0
+        state.kv = {}  # a new dict, not the last step's emptied (under torch.compile its keys are guarded)
         state.step_scales = {i: state.effective_scale(i, progress) for i in state.layers}
-        if not any(state.step_scales.values()):  # scale 0, or outside start..end: no resampler, no K/V this step
+        if all(is_zero(s) for s in state.step_scales.values()):  # scale 0, or outside start..end: no resampler
             state.step_tokens = None
             return embeds, None
         rows = embeds.shape[0]
@@ -55,15 +56,9 @@ class StepTokens:
             tokens, temb = tokens.reshape(rows, n * tokens.shape[1], tokens.shape[2]), temb[::n]
         state.step_tokens = tokens
         for index, layer in state.layers.items():
-            if state.step_scales[index] != 0:  # a zero block scale costs nothing, as in diffusers
+            if not is_zero(state.step_scales[index]):  # a zero block scale costs nothing, as in diffusers
                 state.kv[index] = layer.keys_values(tokens, temb)
         return tokens, temb
-
-
-def _progress(timestep, num_train_timesteps: int) -> float:
-    """1 - t / T for the call's timestep; only read when a schedule or start/end asks (it syncs a GPU)."""
-    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-    return min(max(1.0 - t / num_train_timesteps, 0.0), 1.0)
 
 
 class JointIPProcessor(AdapterSlots):

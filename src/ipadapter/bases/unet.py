@@ -29,7 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.attention import AdapterSlots, AdapterState, Runtime, attend, layer_masks, scale_keys_values
+from ..core.attention import (
+    AdapterSlots,
+    AdapterState,
+    Runtime,
+    attend,
+    is_one,
+    is_zero,
+    layer_masks,
+    scale_keys_values,
+)
 from ..core.config import AdapterConfig, family_label, guess_base_family
 from ..core.errors import IPAdapterError, param
 from .base import BaseFamily, CallFacts, Layer, TrainingParts
@@ -112,17 +121,17 @@ class IPAttnProcessor(AdapterSlots):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _scale(self, state: AdapterState) -> float:
-        # progress only matters under a schedule, and reading it may wait for the GPU (see Runtime.progress)
+    def _scale(self, state: AdapterState) -> float | torch.Tensor:
+        # progress only matters under a schedule, and reading it may wait for the GPU (see Runtime.progress); under
+        # torch.compile a scheduled weight is a 0-d tensor (core.attention.call_progress)
         return state.effective_scale(self.index, self.runtime.progress if state.schedule is not None else 0.0)
 
     def _concat_image_tokens(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """The "simple adapter" ablation: image tokens appended to the text tokens (shared text K/V)."""
         extra = []
         for state in self.states:
-            if state.concat and state.active and self._scale(state) != 0:
-                hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
-                tokens, _ = state.keys_values(self.index, encoder_hidden_states.shape[0], hint)
+            if state.concat and state.active and not is_zero(self._scale(state)):
+                tokens, _ = state.keys_values(self.index, encoder_hidden_states.shape[0], self.runtime.cfg_hint)
                 extra.append(tokens.flatten(1, 2).to(encoder_hidden_states.dtype))
         return torch.cat([encoder_hidden_states, *extra], dim=1) if extra else encoder_hidden_states
 
@@ -132,10 +141,11 @@ class IPAttnProcessor(AdapterSlots):
             if not state.active or state.concat or self.index not in state.kv:
                 continue
             scale = self._scale(state)
-            if scale == 0:
+            if is_zero(scale):
                 continue
-            hint = self.runtime.cfg_hint() if self.runtime.cfg_hint is not None else None
-            k, v = state.keys_values(self.index, batch, hint)  # [batch, n_images, T, W]
+            # the pipeline's guidance flag is asked only where it laid out no rows (reading it under torch.compile
+            # traces the pipeline's properties)
+            k, v = state.keys_values(self.index, batch, self.runtime.cfg_hint)  # [batch, n_images, T, W]
             weights = state.image_weights
             rescaled = state.kv_scaling != "v"  # K and/or V carry the scale instead of the output
             if state.masks is None:
@@ -150,7 +160,7 @@ class IPAttnProcessor(AdapterSlots):
                 out = out.to(query.dtype)
                 # scale 1 (the default) skips a multiply that would give the very same values: one kernel less per
                 # layer and step, which counts where the UNet is launch-bound (small latents on a GPU)
-                hidden_states = hidden_states + (out if scale == 1 else scale * out)
+                hidden_states = hidden_states + (out if is_one(scale) else scale * out)
                 continue
             masks = layer_masks(state.masks, seq, self.runtime.latent_hw).to(query)  # [n_images, seq]
             if weights is not None:

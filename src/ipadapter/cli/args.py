@@ -20,7 +20,8 @@ FLAGS = {
     "control_images": "--control-image", "control_scales": "--control-scale", "num_inference_steps": "--steps",
     "guidance_scale": "--guidance", "seed": "--seed", "num_images": "--num-images", "width": "--width",
     "height": "--height", "image_encoder": "--image-encoder", "model": "--model", "adapter": "--adapter",
-    "data": "--data", "data_root": "--data-root", "clip": "--clip",
+    "data": "--data", "data_root": "--data-root", "clip": "--clip", "true_cfg": "--true-cfg",
+    "negative_prompt": "--negative-prompt",
 }
 
 
@@ -143,17 +144,22 @@ class _Grouped(argparse.Action):
 
 
 @contextlib.contextmanager
-def _notes():
-    """Print library notes (an image resized ...) as ``note: ...`` lines on stderr as they happen."""
+def _notes(once: bool = False):
+    """Print library notes (an image resized ...) as ``note: ...`` lines on stderr as they happen; ``once``: each
+    text once (eval: the same note for every batch)."""
     from ..core.errors import IPAdapterNote
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", IPAdapterNote)
         shown = warnings.showwarning
+        printed: set[str] = set()
 
         def show(message, category, *args, **kwargs):
             if issubclass(category, IPAdapterNote):
-                print(f"note: {flag_message(message)}", file=sys.stderr)
+                text = f"note: {flag_message(message)}"
+                if not (once and text in printed):
+                    print(text, file=sys.stderr)
+                printed.add(text)
             else:
                 shown(message, category, *args, **kwargs)
 

@@ -18,13 +18,15 @@ from ..evaluation.evaluate import (
     read_pairs,
     write_json,
 )
-from .args import _positive_int, _scale
+from .args import _notes, _positive_int, _scale
+from .generate import _add_flux_flags, _add_model_flags, _device_and_dtype, _guidance, _load_model
 
 
 def add_eval_parser(sub) -> None:
     """The ``eval`` subcommand's flags (``sub``: the CLI's subparsers)."""
     e = sub.add_parser("eval", help="CLIP-I / CLIP-T (and world attribute accuracy) over (image, caption) pairs")
-    e.add_argument("--model", help="diffusers model folder or hub id (default: the embedded world model)")
+    e.add_argument("--model", help="diffusers model folder, hub id, or single .safetensors/.ckpt file (default: "
+                                   "the embedded world model)")
     e.add_argument("--adapter", help="adapter file (default: the world model's global adapter)")
     e.add_argument("--image-encoder", help="CLIP vision folder for the adapter (default: the model's)")
     e.add_argument("--data", help="pairs: official JSON, JSONL, a folder of images + .txt captions, or .tar "
@@ -39,7 +41,10 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--prompt-from-caption", action="store_true", help="use each pair's caption as its text prompt")
     e.add_argument("--negative-prompt", default=None)
     e.add_argument("--steps", type=_positive_int, default=30)
-    e.add_argument("--guidance", type=float, default=7.5)
+    e.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the model's: 7.5 on UNets and SD3, 3.5 distilled guidance on Flux)")
+    e.add_argument("--width", type=_positive_int, default=None, help="image width (default: the model's native)")
+    e.add_argument("--height", type=_positive_int, default=None, help="image height (default: the model's native)")
     e.add_argument("--seed", type=int, default=0, help="image k of prompt i uses seed + i * samples + k")
     e.add_argument("--num-prompts", type=_positive_int, default=None,
                    help="first N pairs only (default: all; 64 for the default world data)")
@@ -48,17 +53,24 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--save-images", help="folder for the generated images (<index>-<name>-<sample>.png)")
     e.add_argument("--text-only", action="store_true",
                    help="baseline: the base model alone with --prompt (default empty), no image prompt")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; "
-                                                  "accelerate's under accelerate launch)")
+    _add_model_flags(e)  # --model-config, --lora, --device (accelerate's under accelerate launch), --dtype
+    _add_flux_flags(e)
 
 
 def cmd_eval(args) -> int:
     from accelerate import PartialState
 
-    from ..generation.pipeline import adapter_in_model, load, load_pipeline
+    from ..generation import limits
+    from ..generation.loading import config_folder
+    from ..generation.pipeline import adapter_in_model, load
 
-    if not math.isfinite(args.guidance):
+    device, dtype = _device_and_dtype(args)  # a bad --device fails first, before any model loads
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise IPAdapterError(f"--guidance {args.guidance}: must be a finite number")
+    if args.true_cfg is not None and args.negative_prompt is None:
+        raise IPAdapterError("--true-cfg needs --negative-prompt (true CFG runs an unconditional pass with it)")
+    if args.width is not None or args.height is not None:
+        limits.check_size(args.width or 8, args.height or 8)
     if args.prompt and args.prompt_from_caption:
         raise IPAdapterError("--prompt and --prompt-from-caption exclude each other; give one")
     if args.out is not None and Path(args.out).is_dir():
@@ -74,7 +86,7 @@ def cmd_eval(args) -> int:
     adapter = adapter_in_model(adapter, model)
     if adapter is not None and not args.text_only and not Path(adapter).is_file():
         raise IPAdapterError(f"--adapter {adapter}: no such file")
-    model_dir = model if Path(str(model)).is_dir() else None
+    model_dir = config_folder(model, args.model_config)  # a folder's own, or a single file's --model-config
     from ..world.judge import WorldJudge, world_pairs
 
     judge = WorldJudge()  # world data are judged on their attributes too: the judge knows its prompt images
@@ -90,19 +102,19 @@ def cmd_eval(args) -> int:
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     if state.num_processes > 1:
         device = state.device
-    else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     clip = ClipScorer.from_pretrained(clip_source, device=device)
-    pipe = load_pipeline(model, device=device)
+    pipe = _load_model(args, model, device, dtype)  # generate's loading: folder, hub id or single file; --lora
     target = pipe if args.text_only else load(pipe, adapter, image_encoder=args.image_encoder, model_dir=model_dir)
     settings = EvalSettings(samples=args.samples, scale=args.scale, prompt=args.prompt,
                             prompt_from_caption=args.prompt_from_caption, negative_prompt=args.negative_prompt,
-                            steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                            text_only=args.text_only)
+                            steps=args.steps, guidance=_guidance(args, pipe), seed=args.seed,
+                            batch_size=args.batch_size, text_only=args.text_only, width=args.width,
+                            height=args.height, true_cfg=args.true_cfg)
     info = {"model": str(model), "adapter": None if args.text_only else str(adapter), "clip": str(clip_source),
             "data": args.data or f"world held-out (EVAL_SEED, {len(pairs)})"}
-    result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
-                      progress=sys.stderr.isatty(), info=info, judge=judge)
+    with _notes(once=True):
+        result = evaluate(target, pairs, clip, settings, keep_images=args.save_images is not None,
+                          progress=sys.stderr.isatty(), info=info, judge=judge)
     if not state.is_main_process:
         return 0
     mode = "text-only baseline" if args.text_only else f"adapter {Path(str(adapter)).name}"

@@ -185,39 +185,49 @@ class AdapterState:
     def active(self) -> bool:
         return self.rows > 0
 
-    def effective_scale(self, index: int, progress: float) -> float:
+    def effective_scale(self, index: int, progress: float | torch.Tensor) -> float | torch.Tensor:
+        """The adapter's weight at a layer: scale x block scale x the schedule at ``progress``. A float, except
+        under torch.compile with a schedule, where ``progress`` is a 0-d tensor (see :func:`call_progress`) and so
+        is the weight: a Python float would be a constant of the graph, compiled anew at every step."""
         scale = self.scale * self.layer_scales.get(index, 1.0)
         if self.schedule is not None and scale != 0:
+            if torch.is_tensor(progress):
+                return scale * self.schedule(progress)
             scale *= float(self.schedule(progress))
         return scale
 
-    def keys_values(self, index: int, batch: int, cfg_hint: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, index: int, batch: int, cfg_hint: bool | Callable[[], bool] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's image K/V laid out for a UNet batch of ``batch`` rows ([batch, n, T, W]).
 
         With guidance the UNet batch is [unconditional rows; conditional rows], each prompt repeated for the
-        images per prompt; without, conditional rows only. ``cfg_hint`` (the pipeline's own flag) decides
-        when :attr:`cfg` is not set; failing both, an even multiple of the stacked rows means guidance.
+        images per prompt; without, conditional rows only. ``cfg_hint`` (the pipeline's own flag, or a function
+        giving it, asked only here: when the pipeline laid out no rows and :attr:`cfg` is not set) decides then;
+        failing both, an even multiple of the stacked rows means guidance.
         """
         if self.call_rows is not None:
             return self._rows_laid_out(index, batch)
         if self.row_map == "hold":  # one reference per item or frame: the plain [uncond; cond] guess, then held
-            cfg = self.cfg if self.cfg is not None else (cfg_hint if cfg_hint is not None else self.has_uncond)
+            hint = cfg_hint() if self.cfg is None and callable(cfg_hint) else cfg_hint
+            cfg = self.cfg if self.cfg is not None else (hint if hint is not None else self.has_uncond)
             samples = batch // self.frames if batch % self.frames == 0 else batch
             branches = torch.full((samples,), COND, dtype=torch.long)
             if cfg and self.has_uncond:
                 branches[: samples // 2] = UNCOND
             return self._gather(index, batch, branches)
         k, v = self.kv[index]
+        if self.cfg is None and callable(cfg_hint):
+            cfg_hint = cfg_hint()
         cfg = self.cfg if self.cfg is not None else cfg_hint
         if cfg is None:
             cfg = self.has_uncond and batch % self.rows == 0
         if k.shape[0] == batch and (cfg or not self.has_uncond):
             return k, v
-        cached = self._expanded.get((index, batch, cfg))
+        cached = self._expanded.get((index, batch, cfg)) if caching() else None
         if cached is not None:
             return cached
         k, v = self._expand(k, batch, cfg), self._expand(v, batch, cfg)
-        if not torch.is_grad_enabled():
+        if caching():
             self._expanded[(index, batch, cfg)] = (k, v)
         return k, v
 
@@ -225,7 +235,7 @@ class AdapterState:
         """This layer's K/V gathered by the rows the pipeline laid out (cached while the same rows come back:
         pipelines hand the same embeddings at every step)."""
         rows = self.call_rows
-        cached = self._gathered.get((index, batch, self.frames))
+        cached = self._gathered.get((index, batch, self.frames)) if caching() else None
         if cached is not None and cached[0] is rows:
             return cached[1]
         frames = self.frames if batch % self.frames == 0 else 1
@@ -239,7 +249,7 @@ class AdapterState:
 
     def _gather(self, index: int, batch: int, branches: torch.Tensor, key=None) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's K/V for a spatial batch of ``batch`` items whose denoiser samples are ``branches``."""
-        cached = self._gathered.get((index, batch, self.frames))
+        cached = self._gathered.get((index, batch, self.frames)) if caching() else None
         if key is None:
             key = branches
             if cached is not None and _same(cached[0], branches):
@@ -251,20 +261,21 @@ class AdapterState:
                                  "give one set per text prompt")
         k, v = self.kv[index]
         kv = (k.index_select(0, at.to(k.device)), v.index_select(0, at.to(v.device)))
-        if not torch.is_grad_enabled():
+        if caching():
             self._gathered[(index, batch, self.frames)] = (key, kv)
         return kv
 
     def _index(self, branches: torch.Tensor, batch: int, key) -> torch.Tensor | None:
         """The token row of each spatial item (core.rows.frame_index), worked out once for all layers of a call."""
-        last = self._last_index
+        last = self._last_index if caching() else None
         if last is not None and last[1] == batch and last[2] == self.frames and \
                 (last[0] is key or (key is branches and _same(last[0], branches))):
             return last[3]
         per_branch = self.rows // 2 if self.has_uncond else self.rows
         at = frame_index(branches, batch // branches.shape[0], per_branch, self.has_uncond, self.row_map,
                          self.frame_starts)
-        self._last_index = (key, batch, self.frames, at)
+        if caching():
+            self._last_index = (key, batch, self.frames, at)
         return at
 
     def _expand(self, t: torch.Tensor, batch: int, cfg: bool) -> torch.Tensor:
@@ -297,6 +308,7 @@ class Runtime:
     def __init__(self) -> None:
         self._progress: float = 0.0
         self._timestep = None  # this UNet call's timestep, not yet read (see progress)
+        self.timestep = None  # the last call's timestep, read or not (what torch.compile computes progress from)
         self.latent_hw: tuple[int, int] | None = None
         self.num_train_timesteps: int = 1000
         self.cfg_hint: Callable[[], bool] | None = None  # the pipeline's do_classifier_free_guidance
@@ -311,16 +323,17 @@ class Runtime:
         self.expected_rows: list[torch.Tensor] | None = None
 
     @property
-    def progress(self) -> float:
+    def progress(self) -> float | torch.Tensor:
         """Denoising progress of the current UNet call in [0, 1]: 1 - t / num_train_timesteps.
 
         Read lazily: ``float()`` of a timestep on the GPU waits for the GPU, which would stall every step even when
-        no schedule needs the value.
+        no schedule needs the value. Under torch.compile a 0-d tensor, never read (see :func:`call_progress`).
         """
+        if torch.compiler.is_compiling() and self.timestep is not None:
+            return call_progress(self.timestep, self.num_train_timesteps)
         if self._timestep is not None:
             timestep, self._timestep = self._timestep, None
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            self._progress = min(max(1.0 - t / self.num_train_timesteps, 0.0), 1.0)
+            self._progress = call_progress(timestep, self.num_train_timesteps)
         return self._progress
 
     @progress.setter
@@ -332,7 +345,7 @@ class Runtime:
         if facts.latent_hw is not None:
             self.latent_hw = facts.latent_hw
         if facts.timestep is not None:
-            self._timestep = facts.timestep
+            self._timestep = self.timestep = facts.timestep
         self.prompt_branch = getattr(facts, "prompt_branch", None)  # per call: None when this call says nothing
         self.token_ids = getattr(facts, "token_ids", None)
         self.check_processors()
@@ -356,7 +369,8 @@ class Runtime:
         """Give every adapter the rows the pipeline laid out in ``image_embeds`` (our markers) for a denoiser
         call on ``batch`` samples, or None when it handed none."""
         handed = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
-        if self._handed is not None and len(handed) == len(self._handed[0]) and all(
+        keep = not torch.compiler.is_compiling()  # (row indices carry no gradients: kept while training too)
+        if keep and self._handed is not None and len(handed) == len(self._handed[0]) and all(
                 a is b for a, b in zip(handed, self._handed[0])):
             rows = self._handed[1]  # the very tensors of the last call: same rows, the layers' caches hold
         else:
@@ -364,7 +378,8 @@ class Runtime:
             if rows is not None:
                 guided = bool(self.cfg_hint()) if self.cfg_hint is not None else True
                 rows = [call_rows(r, batch, guided) for r in rows]
-            self._handed = (handed, rows) if rows is not None else None
+            if keep:
+                self._handed = (handed, rows) if rows is not None else None
         if rows is None and self.expected_rows is not None and batch and \
                 all(batch % r.shape[0] == 0 for r in self.expected_rows):
             rows = self.expected_rows
@@ -377,10 +392,39 @@ class Runtime:
             state.call_rows = rows[i] if rows is not None else None
 
 
+def caching() -> bool:
+    """Whether layouts computed for one denoiser call may be kept for the next (same generation): not while
+    training (they carry gradients), and not under torch.compile, where the graph recomputes them for nothing
+    and a cache filled at step 1 would change the path traced at step 2 (a recompile)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def call_progress(timestep, num_train_timesteps: int) -> float | torch.Tensor:
+    """1 - t / T for a denoiser call's timestep, clamped to [0, 1]: a float in eager mode (reading a GPU tensor
+    waits for the GPU: callers ask only under a schedule). Under torch.compile a 0-d float32 tensor on the
+    timestep's device, computed in the graph: ``.item()`` would break the graph, and the float it gives would be
+    baked in as a constant, so every step (a new timestep) would compile again."""
+    if torch.compiler.is_compiling():
+        t = torch.as_tensor(timestep).flatten()[0].float()
+        return (1.0 - t / num_train_timesteps).clamp(0.0, 1.0)
+    t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+    return min(max(1.0 - t / num_train_timesteps, 0.0), 1.0)
+
+
+def is_zero(scale: float | torch.Tensor) -> bool:
+    """Whether a weight is known to be 0 without reading a tensor (a traced weight never is: its layer computes)."""
+    return not torch.is_tensor(scale) and scale == 0
+
+
+def is_one(scale: float | torch.Tensor) -> bool:
+    return not torch.is_tensor(scale) and scale == 1
+
+
 KV_SCALINGS: tuple[str, ...] = ("v", "kv", "kv-penalty", "k-mean-v-penalty")
 
 
-def scale_keys_values(k: torch.Tensor, v: torch.Tensor, scale: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_keys_values(k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
+                      mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's embeds_scaling on one layer's image K/V [b, tokens, W] (``v``, "V only", scales the output
     instead and never comes here): ``kv`` K and V times the scale; ``kv-penalty`` the same with the scale times
     W / 1280 (the layer width over SDXL's widest); ``k-mean-v-penalty`` that scale on K and on V's mean over the

@@ -279,6 +279,7 @@ class EvalSettings:
     text_only: bool = False  # baseline: the base model alone, no image prompt
     width: int | None = None
     height: int | None = None
+    true_cfg: float | None = None  # Flux's true classifier-free guidance (true_cfg_scale; needs negative_prompt)
 
     def text_for(self, pair: Pair) -> str:
         if self.prompt_from_caption:
@@ -372,9 +373,15 @@ def generate_batch(target, pairs: Sequence[Pair], indices: Sequence[int],
         # one image set per text prompt: prompt j is conditioned on pair j's image
         prompts = [ImagePrompt(images=[[p.image] for p in pairs], scale=scales.pop())]
     negative = [settings.negative_prompt] * len(texts) if settings.negative_prompt is not None else None
+    extra = {}
+    if settings.true_cfg is not None:
+        if negative is None:
+            raise IPAdapterError(f"{param('true_cfg')} needs {param('negative_prompt')} (true CFG runs an "
+                                 "unconditional pass with it)")
+        extra["true_cfg_scale"] = settings.true_cfg
     out = ip.generate(prompts=prompts, prompt=texts, negative_prompt=negative, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance, generator=generators, num_images=settings.samples,
-                      width=settings.width, height=settings.height)
+                      width=settings.width, height=settings.height, **extra)
     s = settings.samples
     return [out[j * s : (j + 1) * s] for j in range(len(pairs))]
 

@@ -105,10 +105,16 @@ class Schedule:
     end: float = 1.0
     curve: str = "constant"
 
-    def __call__(self, progress: float) -> float:
+    def __call__(self, progress: float | torch.Tensor) -> float | torch.Tensor:
+        if torch.is_tensor(progress):  # under torch.compile (see core.attention.call_progress): no value is read
+            inside = (progress >= self.start) & (progress <= self.end)
+            u = (progress - self.start) / (self.end - self.start)
+            return torch.where(inside, self._curve(u) * torch.ones_like(u), torch.zeros_like(u))
         if progress < self.start or progress > self.end:
             return 0.0
-        u = (progress - self.start) / (self.end - self.start)
+        return self._curve((progress - self.start) / (self.end - self.start))
+
+    def _curve(self, u):
         if self.curve == "linear":
             return 1.0 - u
         if self.curve == "ease-in":

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..bases import attach, attached, check, denoiser_of, detach, family_of, runtime_of
+from ..bases import attach, attached, check, denoiser_of, detach, execution_device, family_of, runtime_of
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.config import FLAVOURS
@@ -490,7 +490,8 @@ class IPAdapter:
         """The adapter reads whether guidance is on from the pipeline that runs (see :meth:`pipeline_for`)."""
         runtime = runtime_of(self.denoiser)
         if runtime is not None:
-            runtime.cfg_hint = lambda: _guides(pipe)
+            # read eagerly: under torch.compile, dynamo tracing the pipeline's attributes fails
+            runtime.cfg_hint = torch.compiler.disable(lambda: _guides(pipe))
         self._followed = pipe
 
     # -------------------------------------------------------------------------------------------- tokens
@@ -709,8 +710,8 @@ class IPAdapter:
         self._expect_rows([torch.tensor(layout, dtype=torch.long)] * n if layout else None)
         if "ip_adapter_image_embeds" not in inspect.signature(type(pipe).__call__).parameters:
             return {}
-        weight = next(self.denoiser.parameters())
-        handed = markers(n, device=weight.device, dtype=weight.dtype)
+        weight = next(self.denoiser.parameters())  # its dtype; the device: where it computes (offloading: not meta)
+        handed = markers(n, device=execution_device(self.denoiser), dtype=weight.dtype)
         return {"ip_adapter_image_embeds": self._in_pipeline_order(pipe, handed)}
 
     def _expect_rows(self, rows: list | None) -> None:
@@ -1022,7 +1023,7 @@ def load(pipe, adapters: str | os.PathLike | Adapter | Sequence, image_encoder=N
         encoder = ImageEncoder.from_pretrained(find_image_encoder(first, model_dir))
     if encoder is not None:
         param = next(denoiser.parameters())
-        encoder.model.to(param.device, param.dtype)  # the encoder follows the pipeline
+        encoder.model.to(execution_device(denoiser), param.dtype)  # the encoder follows the pipeline
         for item, adapter in zip(items, loaded):  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
             adapter.check_encoder(encoder.model, source=str(item) if not isinstance(item, Adapter) else "adapter")
     ip = IPAdapter(pipe, loaded, encoder)

@@ -67,7 +67,7 @@ class Form:
     negative_prompt: str = ""
     scale: float = 1.0
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model's (7.5 on UNets and SD3, 3.5 distilled guidance on Flux)
     seed: int = 0
     random_seed: bool = True
     width: int = 512
@@ -88,6 +88,7 @@ class Form:
     control_image: str | None = None
     control_scale: float = 1.0
     comfy: dict = field(default_factory=dict)  # ComfyUI_IPAdapter_plus's controls: COMFY_CONTROLS name -> value
+    true_cfg: float | None = None  # Flux's true CFG (true_cfg_scale, with the negative prompt); None or 1: off
 
     def prompt_images(self) -> list[tuple[str, float, str | None]]:
         """(image, weight, mask) of the filled slots, in slot order."""
@@ -215,9 +216,13 @@ def _generate_kwargs(form) -> dict[str, Any]:
     """The keyword arguments of :meth:`IPAdapter.generate` besides the image prompts."""
     kwargs: dict[str, Any] = dict(
         prompt=form.prompt, negative_prompt=form.negative_prompt or None, num_inference_steps=int(form.steps),
-        guidance_scale=float(form.guidance), seed=int(form.seed), width=int(form.width), height=int(form.height),
-        num_images=int(form.num_images),
+        guidance_scale=None if form.guidance is None else float(form.guidance), seed=int(form.seed),
+        width=int(form.width), height=int(form.height), num_images=int(form.num_images),
     )
+    if form.true_cfg is not None and float(form.true_cfg) != 1.0:
+        if not form.negative_prompt:
+            raise IPAdapterError("True CFG needs a negative prompt (it runs an unconditional pass with it)")
+        kwargs["true_cfg_scale"] = float(form.true_cfg)
     if form.init_image:
         kwargs.update(init_image=_read_image(form.init_image, "img2img image"), strength=float(form.strength))
         if form.inpaint_mask:
@@ -249,6 +254,7 @@ _FLAG_LABELS = (
     ("--inpaint-mask", "inpaint mask"), ("--control-image", "control image"), ("--control-scale", "ControlNet scale"),
     ("--controlnet", "ControlNet"), ("--strength", "strength"), ("--combine", "combine"), ("--blocks", "blocks"),
     ("--start", "start"), ("--end", "end"), ("--curve", "curve"), ("--scale", "scale"), ("--image", "prompt image"),
+    ("--true-cfg", "True CFG"), ("--guidance", "guidance"),
 )
 
 
@@ -288,13 +294,29 @@ def resolve_model(model: str | os.PathLike | None, adapter: str | os.PathLike | 
 
 
 def default_size(model: str | os.PathLike) -> int:
-    """The model's native image side, read from its folder's configs (no weights loaded); 512 if unknown."""
+    """The model's native image side, read from its folder's configs (no weights loaded); 512 if unknown. Flux
+    transformers have no sample size: FluxPipeline's default, 128 latent pixels."""
     try:
-        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
         vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        if (Path(model) / "unet" / "config.json").is_file():
+            return int(json.loads((Path(model) / "unet" / "config.json").read_text())["sample_size"]) * factor
+        transformer = json.loads((Path(model) / "transformer" / "config.json").read_text())
+        return int(transformer.get("sample_size") or 128) * factor
     except (OSError, ValueError, KeyError, TypeError):
         return 512
+
+
+def default_guidance(model: str | os.PathLike) -> float:
+    """The guidance the model's family uses by default (7.5; Flux's distilled guidance 3.5), from the folder's
+    ``model_index.json``; 7.5 when unknown (a hub id, a single file)."""
+    from ..bases import family_for_index
+
+    try:
+        family = family_for_index(json.loads((Path(model) / "model_index.json").read_text()))
+    except (OSError, ValueError):
+        family = None
+    return float(family.default_guidance) if family is not None else 7.5
 
 
 class ModelCache:
@@ -358,6 +380,8 @@ class Generator:
             form.seed = random.SystemRandom().randrange(2**31)
         form.model, form.adapter = model, adapter
         ip, lock = self.models.get(model, adapter)
+        if form.guidance is None:  # the model's own default, written into the parameters as used
+            form.guidance = ip.family.default_guidance
         with lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", IPAdapterNote)
             prompts, kwargs = generation_request(form)  # inside: its notes (an animated image ...) are shown too
@@ -411,6 +435,7 @@ def parameters_text(form: Form, size: tuple[int, int], sampler: str) -> str:
     return format_parameters(Parameters(
         prompt=form.prompt, negative_prompt=form.negative_prompt, steps=int(form.steps), sampler=sampler,
         guidance=float(form.guidance), seed=int(form.seed), width=size[0], height=size[1], model=form.model,
+        true_cfg=float(form.true_cfg) if form.true_cfg is not None and float(form.true_cfg) != 1.0 else None,
         adapters=[adapter], init_image=name(form.init_image),
         strength=float(form.strength) if form.init_image else None,
         inpaint_mask=name(form.inpaint_mask) if form.init_image else "",
@@ -463,13 +488,13 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
     generator = Generator(models, model, adapter, output_dir, allow_model_change)
     if preload:
         models.get(model, adapter)
-    side = default_size(model)
+    side, guidance = default_size(model), default_guidance(model)
     model_label = "the embedded world model (64x64 coloured shapes)" if _is_embedded(model) else f"`{model}`"
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate", neutral_hue="slate",
                            font=["ui-sans-serif", "system-ui", "sans-serif"],  # system fonts: nothing fetched
                            font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
-        page = _layout(gr, model, adapter, model_label, side, allow_model_change)
+        page = _layout(gr, model, adapter, model_label, side, allow_model_change, guidance)
         _wire(gr, page, generator, side)
     app.queue(default_concurrency_limit=1, max_size=64)
     # for launch(): Gradio 6 takes the theme and CSS at launch time; the PNGs are served from output_dir
@@ -478,7 +503,8 @@ def build_app(model: str | os.PathLike | None = None, adapter: str | os.PathLike
     return app
 
 
-def _layout(gr, model: str, adapter: str, model_label: str, side: int, allow_model_change: bool) -> dict:
+def _layout(gr, model: str, adapter: str, model_label: str, side: int, allow_model_change: bool,
+            guidance: float = 7.5) -> dict:
     """The page's components, by name (the header, the form's columns, the results)."""
     page: dict = {"history": gr.State([]), "selected": gr.State(0), "shown": gr.State(1)}  # newest first; slots
     with gr.Column(elem_id="ipa-header"):
@@ -486,7 +512,7 @@ def _layout(gr, model: str, adapter: str, model_label: str, side: int, allow_mod
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=360):
             page.update(_prompt_slots(gr))
-            page.update(_main_controls(gr, side))
+            page.update(_main_controls(gr, side, guidance))
             page.update(_advanced_controls(gr))
             page.update(_model_controls(gr, model, adapter, allow_model_change))
         with gr.Column(scale=6, min_width=360):
@@ -519,8 +545,8 @@ def _prompt_slots(gr) -> dict:
                 slot_masks=slot_masks, add_slot=add_slot)
 
 
-def _main_controls(gr, side: int) -> dict:
-    defaults = Form(width=side, height=side)
+def _main_controls(gr, side: int, guidance_default: float = 7.5) -> dict:
+    defaults = Form(width=side, height=side, guidance=guidance_default)
     prompt = gr.Textbox(label="Text prompt (optional)", lines=2, elem_id="ipa-prompt",
                         placeholder="e.g. a red circle on a blue background; empty = image only")
     negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="ipa-negative")
@@ -532,7 +558,7 @@ def _main_controls(gr, side: int) -> dict:
     with gr.Row():
         steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Steps", elem_id="ipa-steps")
         guidance = gr.Slider(1, 20, value=defaults.guidance, step=0.5, label="Guidance",
-                             elem_id="ipa-guidance")
+                             info="Flux: the distilled guidance (3.5)", elem_id="ipa-guidance")
     with gr.Row():
         width = gr.Slider(8, 2048, value=side, step=8, label="Width", elem_id="ipa-width")
         height = gr.Slider(8, 2048, value=side, step=8, label="Height", elem_id="ipa-height")
@@ -583,15 +609,18 @@ def _advanced_controls(gr) -> dict:
                 controlnet = gr.Textbox(label="ControlNet model folder", elem_id="ipa-controlnet")
                 control_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="ControlNet scale",
                                           elem_id="ipa-control-scale")
+        true_cfg = gr.Number(1.0, minimum=1.0, label="True CFG (Flux)", elem_id="ipa-true-cfg",
+                             info="above 1: an unconditional pass per step with the negative prompt and image")
         comfy = comfy_widgets(gr, image_sources)
     return dict(blocks=blocks, combine=combine, start=start, end=end, curve=curve, negative_image=negative_image,
                 init_image=init_image, inpaint_mask=inpaint_mask, strength=strength, control_image=control_image,
-                controlnet=controlnet, control_scale=control_scale, comfy=comfy)
+                controlnet=controlnet, control_scale=control_scale, comfy=comfy, true_cfg=true_cfg)
 
 
 def _model_controls(gr, model: str, adapter: str, allow_model_change: bool) -> dict:
     with gr.Accordion("Model", open=False):
-        model_box = gr.Textbox(value=model, label="Model folder (diffusers layout) or hub id",
+        model_box = gr.Textbox(value=model, label="Model folder (diffusers layout: SD, SDXL, Flux, SD3), hub id or "
+                                                  "single .safetensors file",
                                interactive=allow_model_change, elem_id="ipa-model")
         adapter_box = gr.Textbox(value=adapter, label="Adapter file (.safetensors / .bin)",
                                  interactive=allow_model_change, elem_id="ipa-adapter")
@@ -616,7 +645,8 @@ def _form_inputs(p: dict) -> list:
             p["prompt"], p["negative"], p["scale"], p["steps"], p["guidance"], p["seed"], p["random_seed"],
             p["width"], p["height"], p["num_images"], p["model_box"], p["adapter_box"], p["combine"], p["blocks"],
             p["start"], p["end"], p["curve"], p["negative_image"], p["init_image"], p["strength"],
-            p["inpaint_mask"], p["controlnet"], p["control_image"], p["control_scale"], *p["comfy"].values()]
+            p["inpaint_mask"], p["controlnet"], p["control_image"], p["control_scale"], *p["comfy"].values(),
+            p["true_cfg"]]
 
 
 def _wire(gr, p: dict, generator: Generator, side: int) -> None:
@@ -673,6 +703,7 @@ def _wire(gr, p: dict, generator: Generator, side: int) -> None:
                    still(form.inpaint_mask), form.controlnet, still(form.control_image), form.control_scale]
         values += [still(form.comfy.get(k)) if k in COMFY_IMAGES else form.comfy.get(k, v)
                    for k, v in COMFY_CONTROLS]
+        values.append(1.0 if form.true_cfg is None else form.true_cfg)
         return [*values, n, *(gr.Column(visible=i < n) for i in range(MAX_IMAGES)),
                 gr.Button(interactive=n < MAX_IMAGES)]
 
@@ -685,21 +716,21 @@ def _generate_endpoint(gr, generator: Generator, side: int):
     # These parameter names are the HTTP API's; a default of None makes a parameter optional for clients.
     def generate(image_1, weight_1=1.0, mask_1=None, image_2=None, weight_2=1.0, mask_2=None, image_3=None,
                  weight_3=1.0, mask_3=None, image_4=None, weight_4=1.0, mask_4=None, prompt=None,
-                 negative_prompt=None, scale=1.0, steps=30, guidance=7.5, seed=0, random_seed=True, width=None,
+                 negative_prompt=None, scale=1.0, steps=30, guidance=None, seed=0, random_seed=True, width=None,
                  height=None, num_images=1, model=None, adapter=None, combine="concat", blocks=None, start=0.0,
                  end=1.0, curve="constant", negative_image=None, init_image=None, strength=0.6, inpaint_mask=None,
                  controlnet=None, control_image=None, control_scale=1.0, weight_type=None, composition_weight=None,
                  boost=None, embeds_scaling="v", crop=None, interpolation="lanczos", sharpen=0.0, tiles=False,
                  enhance_tiles=1, enhance_ratio=1.0, unfold_batch=False, encode_batch_size=0, negative_noise=None,
                  noise_strength=1.0, noise_blur=0, noise_seed=0, composition_image=None, face_image=None,
-                 history=None, progress=gr.Progress()):
+                 true_cfg=None, history=None, progress=gr.Progress()):
         """Generate images from image prompts (and an optional text prompt)."""
         form = Form(
             images=[_path(x) for x in (image_1, image_2, image_3, image_4)],
             weights=[float(1.0 if x is None else x) for x in (weight_1, weight_2, weight_3, weight_4)],
             masks=[_path(x) for x in (mask_1, mask_2, mask_3, mask_4)],
             prompt=prompt or "", negative_prompt=negative_prompt or "", scale=float(scale), steps=int(steps),
-            guidance=float(guidance), seed=int(seed or 0), random_seed=bool(random_seed),
+            guidance=None if guidance is None else float(guidance), seed=int(seed or 0), random_seed=bool(random_seed),
             width=int(width or side), height=int(height or side), num_images=int(num_images),
             model=(model or "").strip(), adapter=(adapter or "").strip(), combine=combine or "concat",
             blocks=(blocks or "").strip(), start=float(start), end=float(end), curve=curve or "constant",
@@ -714,6 +745,7 @@ def _generate_endpoint(gr, generator: Generator, side: int):
                        negative_noise=negative_noise, noise_strength=noise_strength, noise_blur=noise_blur,
                        noise_seed=noise_seed, composition_image=_path(composition_image),
                        face_image=_path(face_image)),
+            true_cfg=None if true_cfg is None else float(true_cfg),
         )
         progress(0, desc="Preparing")  # loading the model, on first use
         try:
