@@ -19,6 +19,7 @@ from ipadapter.generation.parameters import (
     read_parameters,
     save_image,
 )
+from ipadapter.generation.pipeline import EMBEDDED_ADAPTER
 
 
 def _full() -> Parameters:
@@ -87,7 +88,7 @@ def test_generate_writes_the_named_format_and_reuse_parameters_remakes_the_same_
     assert first.is_file() and first.read_bytes()[8:12] == b"WEBP"
     stored = parse_parameters(read_parameters(first))
     assert (stored.prompt, stored.steps, stored.guidance, stored.seed) == ("a circle", 3, 4.0, 7)
-    assert stored.adapters[0].adapter == "ip-adapter_global.safetensors"  # inside the model folder: its name
+    assert stored.adapters[0].adapter == EMBEDDED_ADAPTER  # the default, inside the model folder: its name
     assert stored.adapters[0].weights == [1.0, 0.5] and stored.adapters[0].start == 0.1
 
     again = tmp_path / "again.png"
