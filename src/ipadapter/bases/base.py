@@ -94,6 +94,22 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 
+def load_flow_model(path, model_class, title: str, device: torch.device):
+    """A flow-matching folder's frozen transformer (on ``device``) and its scheduler; a broken folder is one
+    clear error."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..core.errors import IPAdapterError
+
+    try:
+        transformer = model_class.from_pretrained(str(path), subfolder="transformer")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
+    except Exception as e:  # noqa: BLE001 - a broken folder is bad input
+        raise IPAdapterError(f"--model {path}: cannot load the {title} transformer or scheduler "
+                             f"({' '.join(str(e).split())[:150]})") from None
+    return transformer.requires_grad_(False).eval().to(device), scheduler
+
+
 def flow_matching(x0: torch.Tensor, d: dict, schedule: FlowSchedule, settings: dict):
     """One flow-matching training step's inputs, as diffusers' Flux/SD3 training examples compute them.
 

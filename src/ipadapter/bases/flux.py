@@ -32,7 +32,16 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime, caching, is_one, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, execution_device, flow_matching
+from .base import (
+    BaseFamily,
+    CallFacts,
+    FlowSchedule,
+    Layer,
+    TrainingParts,
+    execution_device,
+    flow_matching,
+    load_flow_model,
+)
 
 #: marker widths: what a transformer call's ``ip_adapter_image_embeds`` rows say about the call
 COND, UNCOND = 1, 2
@@ -360,15 +369,9 @@ class FluxFamily(BaseFamily):
     def load_training_parts(self, path, device: torch.device) -> TrainingParts:
         """The frozen transformer and its flow-matching schedule (the scheduler's sigmas as built from its config,
         without the dynamic shift, as diffusers' Flux training examples use them)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from diffusers import FluxTransformer2DModel
 
-        try:
-            transformer = FluxTransformer2DModel.from_pretrained(str(path), subfolder="transformer")
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
-        except Exception as e:  # noqa: BLE001 - a broken folder is bad input
-            raise IPAdapterError(f"--model {path}: cannot load the Flux transformer or scheduler "
-                                 f"({' '.join(str(e).split())[:150]})") from None
-        transformer = transformer.requires_grad_(False).eval().to(device)
+        transformer, scheduler = load_flow_model(path, FluxTransformer2DModel, "Flux", device)
         return TrainingParts(transformer, self.label(transformer), None, "flow", {},
                              FlowSchedule.from_scheduler(scheduler, device))
 

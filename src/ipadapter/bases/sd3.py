@@ -22,7 +22,7 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime, call_progress, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching
+from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching, load_flow_model
 
 
 class StepTokens:
@@ -272,17 +272,11 @@ class SD3Family(BaseFamily):
         import json
         from pathlib import Path
 
-        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import SD3Transformer2DModel
 
-        try:
-            transformer = SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer")
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(path), subfolder="scheduler")
-        except Exception as e:  # noqa: BLE001 - a broken folder is bad input
-            raise IPAdapterError(f"--model {path}: cannot load the SD3 transformer or scheduler "
-                                 f"({' '.join(str(e).split())[:150]})") from None
+        transformer, scheduler = load_flow_model(path, SD3Transformer2DModel, "SD3", device)
         index = json.loads((Path(path) / "model_index.json").read_text())
         t5 = bool((index.get("text_encoder_3") or [None])[0])
-        transformer = transformer.requires_grad_(False).eval().to(device)
         return TrainingParts(transformer, self.label(transformer), None, "flow",
                              {"t5": t5, "joint_dim": int(transformer.config.joint_attention_dim)},
                              FlowSchedule.from_scheduler(scheduler, device))
