@@ -391,3 +391,17 @@ def test_two_processes_match_one_with_twice_the_batch(family, dataset, tmp_path)
     assert max_diff(_without_key_biases(out / "ip-adapter.safetensors"), _without_key_biases(one)) < 1e-5
     assert np.allclose(_losses(out), _losses(tmp_path / "one"), rtol=1e-5, atol=0)
     assert "2 process(es)" in (out / "train.log").read_text()
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_a_broken_transformer_folder_is_one_clear_error(family, tmp_path):
+    """A folder without a loadable transformer/scheduler: one IPAdapterError naming the folder, no traceback."""
+    from ipadapter.bases.flux import FLUX
+    from ipadapter.bases.sd3 import SD3
+    from ipadapter.core.errors import IPAdapterError
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{not json")
+    fam = {"flux": FLUX, "sd3": SD3}[family]
+    with pytest.raises(IPAdapterError, match=rf"--model {tmp_path}: cannot load the (Flux|SD3) transformer"):
+        fam.load_training_parts(tmp_path, torch.device("cpu"))
