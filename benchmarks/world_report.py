@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from ipadapter.core.checkpoint import parameter_count, read_checkpoint
 from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, find_clip, write_json
 from ipadapter.evaluation.evaluate import evaluate as _evaluate
-from ipadapter.generation.pipeline import EMBEDDED_MODEL, load, load_pipeline
+from ipadapter.generation.pipeline import EMBEDDED_CALL, EMBEDDED_MODEL, embedded_name, load, load_pipeline
 from ipadapter.world import shapes as world
 from ipadapter.world.judge import FAMILIES, TUNING_SEED, WorldJudge, contradiction_pairs, world_pairs
 
@@ -120,7 +120,8 @@ def scale_zero_check(pipe, adapter_file: Path, pairs: list[Pair], cfg: dict, see
                         for i, p in enumerate(pairs)]
     finally:
         ip.detach()
-    bare = [pipe(prompt=ZERO_TEXT, generator=torch.Generator("cpu").manual_seed(seed + i), **kw).images
+    member = EMBEDDED_CALL.get(embedded_name(pipe), {})  # what the product calls an embedded member with
+    bare = [pipe(prompt=ZERO_TEXT, generator=torch.Generator("cpu").manual_seed(seed + i), **kw, **member).images
             for i in range(len(pairs))]
     diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(with_adapter, bare)]
     return {"images": len(pairs), "bit_exact": sum(d == 0.0 for d in diffs), "max_abs_diff": max(diffs),
@@ -341,7 +342,7 @@ class Report:
         build_info = model / "world_build.json"
         if build_info.is_file():
             self.results["world_build"] = {k: v for k, v in json.loads(build_info.read_text()).items()
-                                           if k in ("clip", "vae", "unet", "eval", "adapters")}
+                                           if k in ("clip", "vae", "unet", "transformer", "eval", "adapters")}
         family_info = model / "world_family.json"
         if family_info.is_file():
             self.results["world_family"] = json.loads(family_info.read_text()).get("adapters")

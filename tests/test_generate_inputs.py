@@ -57,12 +57,37 @@ def test_text_only_from_the_cli_equals_scale_zero_bit_for_bit(capsys, model, ada
 
 
 @pytest.mark.slow
-def test_text_only_on_the_embedded_model_equals_scale_zero_bit_for_bit(capsys, model, tmp_path):
-    common = ["--prompt", "a red circle on a white background", *TINY]
+@pytest.mark.parametrize("member", [None, "world-sd3"])
+def test_text_only_on_the_embedded_model_equals_scale_zero_bit_for_bit(capsys, model, tmp_path, member):
+    """Both embedded members (the default UNet one, ``--model world-sd3`` the transformer one): text only is the
+    base model as diffusers runs it with the member's call settings, and ``--scale 0`` equals it bit for bit."""
+    import torch
+
+    from ipadapter.core.errors import IPAdapterError
+    from ipadapter.generation.pipeline import EMBEDDED_CALL, embedded_model
+
+    try:
+        embedded_model(member)
+    except IPAdapterError:
+        pytest.skip(f"the embedded model {member or 'world'} is not installed")
+    prompt = "a red circle on a white background"
+    common = ["--prompt", prompt, *TINY, *(["--model", member] if member else [])]
     _cli(*common, "-o", str(tmp_path / "text.png"))
     assert "ip-adapter_pairs" not in capsys.readouterr().err  # that note is about image + text
     _cli(*common, "--image", str(model / "ref.png"), "--scale", "0", "-o", str(tmp_path / "zero.png"))
+    _cli(*common, "--image", str(model / "ref.png"), "--scale", "1", "-o", str(tmp_path / "one.png"))
     assert np.array_equal(_pixels(tmp_path / "text.png"), _pixels(tmp_path / "zero.png"))
+    assert not np.array_equal(_pixels(tmp_path / "text.png"), _pixels(tmp_path / "one.png"))
+    if member:  # the oracle: diffusers' own pipeline on the folder (no T5: passed as None, 16 zero rows)
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(embedded_model(member)[0]), text_encoder_3=None,
+                                                        tokenizer_3=None)
+        pipe.set_progress_bar_config(disable=True)
+        want = pipe(prompt, num_inference_steps=2, guidance_scale=5.0, **EMBEDDED_CALL[member],
+                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+        assert EMBEDDED_CALL[member] == {"max_sequence_length": 16}
+        assert np.array_equal(_pixels(tmp_path / "text.png"), np.asarray(want.convert("RGB")))
 
 
 def test_no_image_and_no_text_is_still_refused(capsys, model, adapter_file, tmp_path):

@@ -251,3 +251,31 @@ def test_device_and_dtype_are_checked_before_any_model_loads(capsys, disk, tmp_p
     assert resolve_dtype(None, "mps") == torch.float16 and resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(IPAdapterError, match="fp16, bf16, fp32"):
         resolve_dtype("fp8", "cpu")
+
+
+# ------------------------------------------------------------------------------------------- embedded members
+def test_embedded_members_are_named_and_a_real_folder_of_that_name_wins(tmp_path, monkeypatch, capsys):
+    """``--model world`` / ``world-sd3`` (and no --model) name the shipped members and bring their default adapter;
+    a folder of the same name in the working directory is that folder; an unknown member is one clear line."""
+    from ipadapter.generation.pipeline import (
+        EMBEDDED_MEMBERS,
+        EMBEDDED_MODEL,
+        embedded_model,
+        embedded_name,
+        resolve_model,
+    )
+
+    assert embedded_name(None) == "world" and resolve_model(None) == embedded_model()
+    assert EMBEDDED_MEMBERS["world"] == EMBEDDED_MODEL
+    for name, folder in EMBEDDED_MEMBERS.items():
+        if not (folder / "model_index.json").is_file():
+            continue
+        assert resolve_model(name) == (folder, folder / "ip-adapter.safetensors")
+        assert resolve_model(name, "mine.safetensors") == (folder, "mine.safetensors")
+        assert embedded_name(str(folder)) == name  # the folder by its path is the member too (its call settings)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "world-sd3").mkdir()
+    assert embedded_name("world-sd3") is None and resolve_model("world-sd3", "a.safetensors") == ("world-sd3",
+                                                                                                  "a.safetensors")
+    with pytest.raises(IPAdapterError, match="not an embedded model; they are world, world-sd3"):
+        embedded_model("world-flux")

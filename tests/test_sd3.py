@@ -363,3 +363,48 @@ def test_block_scales_name_joint_blocks(sd3_pipe, ours):
     assert abs(one - base).max() > 1e-4 and abs(one - full).max() > 1e-4
     with pytest.raises(IPAdapterError, match="UNet blocks"):
         ours.generate(blocks="style", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- T5-less folders
+def test_an_sd3_folder_saved_without_t5_loads_and_generates(tmp_path, sd3_pipe, instantx_file):
+    """save_pretrained writes text_encoder_3 [null, null] for SD3 without T5, and diffusers then refuses
+    from_pretrained unless each is passed as None: load_pipeline (and so generate, eval, the page) passes them."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    import ipadapter
+    from ipadapter.bases.base import saved_without
+
+    folder = tmp_path / "no-t5"
+    parts = {k: v for k, v in sd3_pipe.components.items() if k not in ("text_encoder_3", "tokenizer_3")}
+    StableDiffusion3Pipeline(**parts, text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    with pytest.raises(ValueError):  # diffusers' own behaviour: why saved_without exists
+        StableDiffusion3Pipeline.from_pretrained(str(folder))
+    assert saved_without(folder) == {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = ipadapter.load_pipeline(folder, dtype=torch.float32)
+    assert pipe.text_encoder_3 is None and pipe.transformer is not None
+    ip = ipadapter.load(pipe, instantx_file)
+    out = ip.generate(images=[_image(1)], prompt="a cat", seed=0, **STEPS)
+    assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.as_tensor(out)).all()
+
+
+def test_a_time_plus_adapter_records_the_encoder_it_was_trained_with(tmp_path, sd3_adapter):
+    """Published time-plus files read SigLIP; one trained on a CLIP vision tower (the world's SD3 member) records
+    "clip" in our metadata, loads back with it, and is then checked against CLIP instead."""
+    from dataclasses import replace
+
+    from ipadapter.testing import tiny_image_encoder, tiny_siglip_encoder
+
+    path = tmp_path / "clip-time-plus.safetensors"
+    clip = tiny_image_encoder()
+    cfg = replace(sd3_adapter.config, encoder="clip", embed_dim=clip.config.hidden_size)
+    Adapter(cfg).save(path)
+    loaded, _ = read_checkpoint(path)
+    assert loaded.encoder == "clip" and loaded.kind == "time-plus"
+    Adapter(loaded).check_encoder(clip)
+    with pytest.raises(IPAdapterError, match="reads a CLIP vision encoder"):
+        Adapter(loaded).check_encoder(tiny_siglip_encoder(hidden=clip.config.hidden_size)[0])
+    with pytest.raises(ValueError, match="image encoder family"):
+        replace(cfg, encoder="dino")

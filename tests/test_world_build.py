@@ -90,7 +90,7 @@ def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(
     """`ipadapter world build --quick`: base + all adapters through the trainer; `--adapters` retrains one."""
     from ipadapter import cli
     from ipadapter.core.checkpoint import read_checkpoint
-    from ipadapter.world.family import ADAPTERS
+    from ipadapter.world.family import ADAPTERS, SD3_ADAPTERS, SD3_SETTINGS, sd3_folder
 
     out = tmp_path / "family"
     assert cli.main(["world", "build", "--out", str(out), "--quick"]) == 0
@@ -107,6 +107,17 @@ def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(
     assert again["ip-adapter_pairs.safetensors"]["steps"] == 2 and again["ip-adapter_global.safetensors"]["steps"] == 4
     assert (out / "ip-adapter_pairs.safetensors").read_bytes() != before["ip-adapter_pairs.safetensors"]
     assert all((out / n).read_bytes() == before[n] for n in ADAPTERS if n != "ip-adapter_pairs.safetensors")
+    # the transformer member beside it: an SD3 folder on the same parts, its time-plus adapters by the same trainer
+    sd3 = sd3_folder(out)
+    index = json.loads((sd3 / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["text_encoder_3"] == [None, None]
+    assert (sd3 / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    sd3_family = json.loads((sd3 / "world_family.json").read_text())["adapters"]
+    assert set(sd3_family) == set(SD3_ADAPTERS)
+    for name in SD3_ADAPTERS:
+        cfg, _ = read_checkpoint(sd3 / name)
+        assert cfg.kind == "time-plus" and cfg.encoder == "clip" and cfg.num_tokens == SD3_SETTINGS["num_tokens"]
     capsys.readouterr()
     # an adapter named without a folder is looked up in --model, as diffusers' weight_name
     image = tmp_path / "prompt.png"
@@ -115,6 +126,8 @@ def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(
     assert cli.main(["generate", "--model", str(out), "--adapter", "ip-adapter_pairs.safetensors", "--image",
                      str(image), "--steps", "2", "-o", str(png)]) == 0
     assert png.is_file()
+    assert cli.main(["generate", "--model", str(sd3), "--adapter", "ip-adapter.safetensors", "--image",
+                     str(image), "--prompt", "a circle", "--steps", "2", "-o", str(png)]) == 0
     with pytest.raises(SystemExit) as e:  # a bad flag: argparse's one line, exit 2
         cli.main(["world", "build", "--out", str(out), "--adapters", "ip-adapter_nope.safetensors"])
     assert e.value.code == 2 and "ip-adapter_nope.safetensors" in capsys.readouterr().err

@@ -26,13 +26,13 @@ IMAGE_TEXT_SCALE = 0.8  # benchmarks/world_report.py IMAGE_TEXT_SCALE
 SETTINGS = dict(samples=1, steps=25, guidance=5.0, batch_size=PROMPTS)
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.fixture(scope="module", params=["world", "world-sd3"])
+def world(request):
     try:
-        model, default = ipadapter.embedded_model()
+        model, default = ipadapter.embedded_model(request.param)
     except IPAdapterError:
-        pytest.skip("the embedded world model is not installed")
-    return ipadapter.load_pipeline(model, dtype=torch.float32), model, default
+        pytest.skip(f"the embedded model {request.param} is not installed")
+    return ipadapter.load_pipeline(request.param, dtype=torch.float32), model, default
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,20 @@ TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 
+def saved_without(folder) -> dict[str, None]:
+    """The components a diffusers folder was saved without (``[null, null]`` in its model_index.json, e.g. SD3
+    without T5), as ``from_pretrained`` keywords: diffusers refuses to load such a folder unless each is passed
+    as None."""
+    import json
+    from pathlib import Path
+
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
+
+
 def load_flow_model(path, model_class, title: str, device: torch.device):
     """A flow-matching folder's frozen transformer (on ``device``) and its scheduler; a broken folder is one
     clear error."""

@@ -22,7 +22,16 @@ from torch import nn
 from ..core.attention import AdapterSlots, AdapterState, Runtime, call_progress, is_zero
 from ..core.config import AdapterConfig
 from ..core.errors import IPAdapterError
-from .base import BaseFamily, CallFacts, FlowSchedule, Layer, TrainingParts, flow_matching, load_flow_model
+from .base import (
+    BaseFamily,
+    CallFacts,
+    FlowSchedule,
+    Layer,
+    TrainingParts,
+    flow_matching,
+    load_flow_model,
+    saved_without,
+)
 
 
 class StepTokens:
@@ -342,8 +351,8 @@ class SD3Family(BaseFamily):
     def validation_pipeline(self, path, denoiser: nn.Module, extra: dict, frozen):
         from diffusers import StableDiffusion3Pipeline
 
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), transformer=denoiser, image_encoder=None,
-                                                        feature_extractor=None)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(path), **{**saved_without(path), "transformer": denoiser,
+                                                        "image_encoder": None, "feature_extractor": None})
         for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             if getattr(pipe, name, None) is not None:
                 frozen(getattr(pipe, name))

@@ -26,8 +26,8 @@ def add_eval_parser(sub) -> None:
     """The ``eval`` subcommand's flags (``sub``: the CLI's subparsers)."""
     e = sub.add_parser("eval", help="CLIP-I / CLIP-T (and world attribute accuracy) over (image, caption) pairs")
     e.add_argument("--model", help="diffusers model folder, hub id, or single .safetensors/.ckpt file (default: "
-                                   "the embedded world model)")
-    e.add_argument("--adapter", help="adapter file (default: the world model's global adapter)")
+                                   "the embedded world model; world-sd3: its SD3.5-shaped member)")
+    e.add_argument("--adapter", help="adapter file (default: the embedded model's default adapter)")
     e.add_argument("--image-encoder", help="CLIP vision folder for the adapter (default: the model's)")
     e.add_argument("--data", help="pairs: official JSON, JSONL, a folder of images + .txt captions, or .tar "
                                   "shards (default: held-out shapes-world images)")
@@ -75,12 +75,9 @@ def cmd_eval(args) -> int:
         raise IPAdapterError("--prompt and --prompt-from-caption exclude each other; give one")
     if args.out is not None and Path(args.out).is_dir():
         raise IPAdapterError(f"--out {args.out}: is a folder; give a .json file name")
-    model, adapter = args.model, args.adapter
-    if model is None:
-        from ..generation.pipeline import embedded_model
+    from ..generation.pipeline import resolve_model
 
-        model, default_adapter = embedded_model()
-        adapter = adapter or default_adapter
+    model, adapter = resolve_model(args.model, args.adapter)
     if adapter is None and not args.text_only:
         raise IPAdapterError("--adapter FILE is required with --model (or --text-only for the baseline)")
     adapter = adapter_in_model(adapter, model)

@@ -53,7 +53,7 @@ def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate images from image (and text) prompts", epilog=GENERATE_GRAMMAR,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("--model", help="diffusers model folder, hub id, or single .safetensors/.ckpt file "
-                                   "(default: the embedded world model)")
+                                   "(default: the embedded world model; world-sd3: its SD3.5-shaped member)")
     _add_model_flags(g)
     g.add_argument("--image-encoder", help="CLIP vision folder (default: the model's image_encoder/, then one "
                                            "beside the adapter file)")
@@ -244,7 +244,8 @@ def _load_model(args, model, device, dtype, image_encoder: bool = True):
 
 def _add_embed_parser(sub) -> None:
     e = sub.add_parser("embed", help="precompute image embeddings (with their negative) for generate --embeds")
-    e.add_argument("--model", help="model folder whose image_encoder/ to use (default: the embedded world model)")
+    e.add_argument("--model", help="model folder whose image_encoder/ to use (default: the embedded world model; "
+                                   "or world-sd3)")
     e.add_argument("--adapter", help="the adapter the embeddings are for (it decides which encoder feature)")
     e.add_argument("--image-encoder", help="CLIP vision folder (default: the model's, then one beside the adapter)")
     e.add_argument("--image", action="append", default=[], required=True, help="prompt image; repeat for several")
@@ -335,13 +336,10 @@ def _outputs(output: str, count: int, seed: int) -> list[Path]:
 def _adapter_groups(args) -> tuple[str, list[dict]]:
     """(model, one dict per adapter group) with the defaults filled in and the counts checked."""
     groups = [dict(g) for g in getattr(args, "adapter_groups", None) or [{}]]
-    model = args.model
-    if model is None:
-        from ..generation.pipeline import embedded_model
+    from ..generation.pipeline import resolve_model
 
-        model, default_adapter = embedded_model()
-        if groups[0].get("adapter") is None:  # one default for image-only and image + text prompts
-            groups[0]["adapter"] = default_adapter
+    # None or an embedded member's name: its folder, and its default adapter (image-only and image + text prompts)
+    model, groups[0]["adapter"] = resolve_model(args.model, groups[0].get("adapter"))
     if groups[0].get("adapter") is None:
         raise IPAdapterError("--adapter FILE is required with --model")
     from ..generation.pipeline import adapter_in_model
@@ -532,12 +530,11 @@ def cmd_embed(args) -> int:
     from ..generation.pipeline import _feature_field, encode_prompt, find_image_encoder
 
     model, adapter = args.model, args.adapter
-    if model is None:  # the embedded world model: its encoder, and its adapter unless one is given
-        from ..generation.pipeline import embedded_model
+    from ..generation.pipeline import embedded_name, resolve_model
 
+    if embedded_name(model):  # an embedded model: its encoder, and its adapter unless one is given
         try:
-            model, default_adapter = embedded_model()
-            adapter = adapter or default_adapter
+            model, adapter = resolve_model(model, adapter)
         except IPAdapterError:
             if adapter is None:
                 raise

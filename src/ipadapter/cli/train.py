@@ -59,10 +59,10 @@ def config_from_args(args) -> TrainConfig:
              "batch_size": args.batch_size, "resolution": args.resolution, "save_every": args.save_every,
              "lr": args.lr, "cache": args.cache}
     values.update({k: v for k, v in flags.items() if v is not None})
-    if not values.get("model"):  # as generate/eval/ui: the embedded world model (ipadapter.embedded_model())
-        from ..generation.pipeline import embedded_model
+    from ..generation.pipeline import embedded_name, resolve_model
 
-        values["model"] = str(embedded_model()[0])
+    if embedded_name(values.get("model") or None):  # as generate/eval/ui: an embedded world member, by name or default
+        values["model"] = str(resolve_model(values.get("model") or None)[0])
     if args.no_cache:
         values["cache"] = None
     if args.resume:

@@ -16,8 +16,8 @@ def add_ui_parser(sub) -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     u.add_argument("--port", type=_positive_int, default=7860)
     u.add_argument("--model", help="diffusers model folder, hub id or single .safetensors/.ckpt file "
-                                   "(default: the embedded world model)")
-    u.add_argument("--adapter", help="adapter file (default: the world model's global adapter)")
+                                   "(default: the embedded world model; world-sd3: its SD3.5-shaped member)")
+    u.add_argument("--adapter", help="adapter file (default: the embedded model's default adapter)")
     u.add_argument("--image-encoder", help="CLIP vision folder (default: the model's, then one beside the adapter)")
     _add_model_flags(u)
     u.add_argument("--output", default=None, help="folder that keeps every generated PNG (default: a temp folder)")

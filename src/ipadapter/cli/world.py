@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..world.family import ADAPTER_BATCH, ADAPTER_STEPS, ADAPTERS, TRAIN_IMAGES, build_family
+from ..world.family import ADAPTER_BATCH, ADAPTER_STEPS, ADAPTERS, MEMBERS, TRAIN_IMAGES, build_family
 from .args import _float, _positive_int
 
 
@@ -18,7 +18,11 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("world", help="the embedded shapes world: data and model family")
     sub = p.add_subparsers(dest="world_command", required=True)
     b = sub.add_parser("build", help="train the whole model family (base + adapters) from scratch")
-    b.add_argument("--out", required=True, help="output folder (a diffusers StableDiffusionPipeline folder)")
+    b.add_argument("--out", required=True, help="the UNet member's folder (a diffusers StableDiffusionPipeline "
+                                                "folder); the transformer member goes to OUT_sd3")
+    b.add_argument("--members", nargs="+", choices=MEMBERS, default=None,
+                   help="build only these members (default: both; world-sd3 needs world's parts in --out)")
+    b.add_argument("--sd3-out", default=None, help="the transformer member's folder (default: OUT_sd3)")
     b.add_argument("--device", default="cpu", help="cpu or cuda (same code; a GPU takes minutes, a CPU hours)")
     b.add_argument("--quick", action="store_true", help="a seconds-long smoke variant (tests)")
     b.add_argument("--seed", type=int, default=0)
@@ -53,6 +57,7 @@ def cmd_world(args) -> int:
         return 0
     build_family(args.out, device=args.device, quick=args.quick, seed=args.seed, base_budget_s=args.base_budget,
                  adapter_steps=args.adapter_steps, adapter_seconds=args.adapter_seconds, skip_base=args.skip_base,
-                 adapter_batch=args.adapter_batch, train_images=args.train_images, only=args.adapters)
+                 adapter_batch=args.adapter_batch, train_images=args.train_images, only=args.adapters,
+                 members=args.members, sd3_out=args.sd3_out)
     print(args.out)
     return 0

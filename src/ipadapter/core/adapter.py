@@ -92,8 +92,9 @@ class Adapter(nn.Module):
         c = self.config
         cfg = encoder.config
         siglip = "siglip" in str(getattr(cfg, "model_type", ""))
-        if c.time_conditioned and not siglip or not c.time_conditioned and not c.flavour and siglip:
-            want = "a SigLIP encoder (SiglipVisionModel)" if c.time_conditioned else "a CLIP vision encoder"
+        wants = c.encoder or ("siglip" if c.time_conditioned else "")  # "": CLIP, or what a Flux flavour reads
+        if (wants == "siglip") != siglip and (wants or not c.flavour):
+            want = "a SigLIP encoder (SiglipVisionModel)" if wants == "siglip" else "a CLIP vision encoder"
             raise IPAdapterError(
                 f"{source}: {c.kind} adapter reads {want}; this encoder is {getattr(cfg, 'model_type', '?')} "
                 "(wrong encoder for this adapter)"

@@ -9,6 +9,7 @@ and diffusers' converted layout ("encoder_hid_proj.image_projection_layers.0." +
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -220,7 +221,14 @@ def split(official: Tensors) -> tuple[Tensors, Tensors]:
 def infer_config(
     official: Tensors, metadata: Mapping[str, str] | None = None, source: str = "checkpoint"
 ) -> AdapterConfig:
-    """Recognise the kind and its hyperparameters from tensor names and shapes."""
+    """Recognise the kind and its hyperparameters from tensor names and shapes (and the image encoder family our
+    own metadata records)."""
+    config = _infer_config(official, metadata, source)
+    encoder = _saved_config(metadata).get("encoder")
+    return dataclasses.replace(config, encoder=encoder) if encoder in ("clip", "siglip") else config
+
+
+def _infer_config(official: Tensors, metadata: Mapping[str, str] | None, source: str) -> AdapterConfig:
     proj, attn = split(official)
     if not proj:
         raise IPAdapterError(f"{source}: has IP-Adapter attention weights but no image projection ('image_proj.*')")

@@ -83,12 +83,17 @@ class AdapterConfig:
     attention: str = "decoupled"
     # a row of FLAVOURS: "" (the paper's UNet adapters), "xlabs" or "instantx" (Flux transformers)
     flavour: str = ""
+    # the image encoder family it reads: "clip" or "siglip"; "" = the one its published files read (SigLIP for
+    # time-plus and InstantX, CLIP otherwise). Set by the trainer from the encoder it trained with.
+    encoder: str = ""
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
             raise ValueError(f"unknown adapter flavour {self.flavour!r}; expected one of {', '.join(FLAVOURS)}")
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.encoder not in ("", "clip", "siglip"):
+            raise ValueError(f"unknown image encoder family {self.encoder!r}; expected 'clip' or 'siglip'")
         if self.attention not in ("decoupled", "concat"):
             raise ValueError(f"unknown attention mode {self.attention!r}; expected 'decoupled' or 'concat'")
         self.layer_widths = {int(k): int(v) for k, v in self.layer_widths.items()}

@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 
 from ..bases import attach, attached, check, denoiser_of, detach, execution_device, family_of, runtime_of
+from ..bases.base import saved_without
 from ..bases.unet import is_sdxl  # noqa: F401 - kept importable here
 from ..core.adapter import Adapter
 from ..core.config import FLAVOURS
@@ -60,7 +61,7 @@ def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dt
     from diffusers import DiffusionPipeline
 
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    path = Path(model)
+    path = Path(resolve_model(model)[0])
     kwargs = dict(safety_checker=None, requires_safety_checker=False)
     kwargs[_dtype_keyword()] = dtype
     if path.exists():
@@ -68,7 +69,8 @@ def load_pipeline(model: str | os.PathLike, device: str = "cpu", dtype: torch.dt
             raise IPAdapterError(f"{path}: not a diffusers model folder (no model_index.json)")
         try:
             with _without_image_encoder(path) if not image_encoder else contextlib.nullcontext(path) as folder:
-                pipe = DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+                pipe = DiffusionPipeline.from_pretrained(str(folder), **{**saved_without(path), **kwargs})
+            pipe.register_to_config(_name_or_path=str(path))  # the folder itself, not the view without the encoder
         except Exception as e:  # noqa: BLE001 - a broken folder is bad input
             raise IPAdapterError(f"{path}: cannot load the model ({' '.join(str(e).split())[:160]})") from None
     else:
@@ -865,6 +867,8 @@ class IPAdapter:
                         f"leaves no denoising step (it runs int(steps x strength)); raise "
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
+            for key, value in EMBEDDED_CALL.get(embedded_name(self.pipe), {}).items():
+                call.setdefault(key, value)
             family_kwargs = {k: v for k, v in self.family.call_kwargs(pipe).items() if k in accepted}
             call.update(family_kwargs)  # a family's own hand-over (Flux: its branch markers)
             for i, p in enumerate(prompts):
@@ -880,7 +884,8 @@ class IPAdapter:
             step_inputs = self.pipeline_inputs(guidance_scale)  # timestep-dependent tokens (SD3.5): the features
             if step_inputs:
                 call.update(step_inputs)
-            elif not family_kwargs and "ip_adapter_image_embeds" in accepted:  # the pipeline's rows (image sets
+            elif not family_kwargs and "ip_adapter_image_embeds" in accepted and \
+                    not any(a.config.time_conditioned for a in self.adapters):  # the pipeline's rows (image sets
                 # and unfolded batches too: the markers name the branch, each adapter's state its rows)
                 call.update(self.pipeline_kwargs())
             return pipe(**call).images
@@ -1043,17 +1048,54 @@ EMBEDDED_MODEL = Path(__file__).parents[1] / "world" / "model"
 
 
 EMBEDDED_ADAPTER = "ip-adapter.safetensors"  # world.family.DEFAULT_ADAPTER (generation does not import world)
+# The embedded world's members, by the name ``--model`` / ``load_pipeline`` take: the SD 1.5-shaped UNet model
+# (the default) and the SD3.5-shaped transformer on the same tokenizer, CLIP towers and VAE.
+EMBEDDED_MEMBERS = {"world": EMBEDDED_MODEL, "world-sd3": EMBEDDED_MODEL.with_name("model_sd3")}
+# What a member is called with beyond the pipeline's defaults: the SD3 member has no T5, and was trained with 16
+# of the zero rows StableDiffusion3Pipeline puts in T5's place (its default is 256).
+EMBEDDED_CALL = {"world-sd3": {"max_sequence_length": 16}}
 
 
-def embedded_model() -> tuple[Path, Path]:
-    """(model folder, default adapter file) of the tiny world model shipped in the package: a global adapter that
-    serves image-only prompts and image + text prompts (the paper's recipe is ``ip-adapter_global.safetensors``)."""
-    adapter = EMBEDDED_MODEL / EMBEDDED_ADAPTER
-    if not (EMBEDDED_MODEL / "model_index.json").is_file() or not adapter.is_file():
+def embedded_model(name: str | None = None) -> tuple[Path, Path]:
+    """(model folder, default adapter file) of a tiny world model shipped in the package (``name``: a key of
+    :data:`EMBEDDED_MEMBERS`, default "world"). Its default adapter serves image-only prompts and image + text
+    prompts (on "world" the paper's recipe is ``ip-adapter_global.safetensors``)."""
+    name = name or "world"
+    if name not in EMBEDDED_MEMBERS:
+        raise IPAdapterError(f"{name}: not an embedded model; they are {', '.join(EMBEDDED_MEMBERS)}")
+    folder = EMBEDDED_MEMBERS[name]
+    adapter = folder / EMBEDDED_ADAPTER
+    if not (folder / "model_index.json").is_file() or not adapter.is_file():
         raise IPAdapterError(
-            f"the embedded world model is not in this install ({EMBEDDED_MODEL}); pass --model DIR and --adapter FILE"
+            f"the embedded model {name} is not in this install ({folder}); pass --model DIR and --adapter FILE"
         )
-    return EMBEDDED_MODEL, adapter
+    return folder, adapter
+
+
+def embedded_name(model) -> str | None:
+    """The member name ``model`` stands for: None (the default) -> "world"; "world" / "world-sd3" when no file
+    or folder of that name is here; a pipeline or folder of a member -> its name; else None."""
+    if model is None:
+        return "world"
+    if isinstance(model, str) and model in EMBEDDED_MEMBERS and not Path(model).exists():
+        return model
+    folder = model_folder(model)
+    for name, path in EMBEDDED_MEMBERS.items():
+        if folder is not None and path.is_dir() and folder.resolve() == path.resolve():
+            return name
+    return None
+
+
+def resolve_model(model, adapter=None) -> tuple:
+    """(model, adapter) with an embedded member's name or None made its folder and, unless given, its default
+    adapter; anything else as given. The one rule for ``--model`` in generate, embed, eval and the page."""
+    name = embedded_name(model)
+    if name is None or (model is not None and not isinstance(model, str)):
+        return model, adapter
+    if isinstance(model, str) and Path(model).exists():
+        return model, adapter
+    folder, default = embedded_model(name)
+    return folder, adapter or default
 
 
 def model_folder(pipe_or_model) -> Path | None:

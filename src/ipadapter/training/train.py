@@ -328,15 +328,17 @@ def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
 
     kind = cfg.kind or family_of(unet).default_kind
     overrides = dict(cfg.adapter)
+    num_tokens = cfg.num_tokens or overrides.pop("num_tokens", None)  # a top-level setting or the adapter's own
     if kind == "faceid":
-        embed, tokens, enc = 512, cfg.num_tokens, None
+        embed, tokens, enc = 512, num_tokens, None
     else:
         from transformers import AutoConfig
 
         enc = AutoConfig.from_pretrained(str(image_encoder_dir(cfg)))
         enc = getattr(enc, "vision_config", None) or enc
         embed = getattr(enc, "projection_dim", None) if kind == "global" else enc.hidden_size
-        tokens = cfg.num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if kind == "full" else None)
+        tokens = num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if kind == "full" else None)
+        overrides.setdefault("encoder", "siglip" if "siglip" in str(getattr(enc, "model_type", "")) else "clip")
     family = family_of(unet)
     config = family.new_config(unet, kind, embed or 0, tokens, **overrides)  # first: does the kind fit the model?
     family.check(config, unet, f"--kind {kind}")

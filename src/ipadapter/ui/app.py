@@ -281,12 +281,11 @@ def page_message(message: str | BaseException, form: Form | None = None) -> str:
 def resolve_model(model: str | os.PathLike | None, adapter: str | os.PathLike | None) -> tuple[str, str]:
     """(model, adapter) as given, or the embedded world model's; an adapter is required with a model. An adapter
     name that is not a file is looked up in the model folder (``--adapter ip-adapter_pairs.safetensors``)."""
-    from ..generation.pipeline import adapter_in_model
+    from ..generation.pipeline import adapter_in_model, embedded_model, embedded_name
 
-    if not model:
-        from ..generation.pipeline import embedded_model
-
-        default_model, default_adapter = embedded_model()
+    name = embedded_name(model or None)
+    if name and (not model or not Path(str(model)).exists()):
+        default_model, default_adapter = embedded_model(name)
         return str(default_model), str(adapter_in_model(adapter, default_model) or default_adapter)
     if not adapter:
         raise IPAdapterError(f"{model}: give its adapter file too (--adapter FILE)")

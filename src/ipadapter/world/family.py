@@ -1,6 +1,6 @@
 """The embedded world's whole model family in one command: base model, then its adapters, with our trainer.
 
-    ipadapter world build --out src/ipadapter/world/model [--device cuda] [--quick]
+    ipadapter world build --out src/ipadapter/world/model [--device cuda] [--quick]   # and model_sd3 beside it
 
 1. ``world_build.build``: tokenizer, contrastive CLIP towers, VAE, text-to-image UNet (a diffusers folder).
 2. ``world.write_dataset``: training pairs in the official JSON format (TRAIN_SEED; evaluation uses EVAL_SEED).
@@ -10,6 +10,9 @@
    the paper's decoupled adapter with global features, the fine-grained "plus" one and the paper's "simple
    adapter" ablation (image tokens appended to the text tokens, no new K/V), all on the paper's (image, caption)
    data; and "pairs", global with contradicting prompt images for half the captioned items.
+4. the transformer member ``world-sd3`` (``OUT_sd3``): ``world.build_sd3`` trains an SD3.5-shaped transformer on
+   the UNet member's frozen tokenizer, CLIP towers and VAE; then its time-plus adapters with the same trainer:
+   "pairs", and the default fine-tuned from it on the "contra" data, as the UNet member's default.
 
 Reproducible: every stage is seeded. Device-agnostic: ``--device cuda`` runs the same code on a GPU.
 """
@@ -60,39 +63,94 @@ ADAPTER_WARMUP = 100
 QUICK = dict(train_images=64, adapter_steps=4, adapter_batch=8)
 
 
+# The transformer member (``world-sd3``): an SD3.5-shaped transformer on the same tokenizer, CLIP towers and VAE
+# (world.build_sd3), with time-plus adapters (the SD3.5 kind: a resampler conditioned on the denoising timestep over
+# the vision tower's penultimate states) sized for this world, trained with the same trainer and the same data recipe
+# as the UNet member's default: "pairs" first, then the default fine-tuned from it on "contra" data.
+SD3_SHAPE = {"resampler_dim": 128, "resampler_depth": 2, "resampler_dim_head": 32, "resampler_ff_mult": 2,
+             "time_embed_dim": 64}
+SD3_ADAPTERS = {
+    "ip-adapter_pairs.safetensors": ("time-plus", SD3_SHAPE, "pairs"),
+    DEFAULT_ADAPTER: ("time-plus", SD3_SHAPE, "contra"),
+}
+SD3_TRAINING = {DEFAULT_ADAPTER: {"init_adapter": "ip-adapter_pairs.safetensors", "steps": 400, "drop_text": 0.0}}
+SD3_SETTINGS = {"num_tokens": 8, "max_sequence_length": 16}  # 16: the zero rows the member was trained with
+SD3_STEPS = 1_200
+SD3_BATCH = 64
+MEMBERS = ("world", "world-sd3")
+
+
+def sd3_folder(out_dir: str | Path) -> Path:
+    """Where ``world build --out DIR`` puts the transformer member: DIR's sibling ``DIR_sd3`` (``model_sd3``)."""
+    out = Path(out_dir)
+    return out.with_name(out.name + "_sd3")
+
+
 def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, seed: int = 0,
                  base_budget_s: float | None = None, adapter_steps: int | None = None,
                  adapter_batch: int | None = None, train_images: int | None = None,
                  adapter_seconds: float | None = None, skip_base: bool = False, progress: bool = True,
-                 base_overrides: dict | None = None, only: list[str] | None = None) -> dict:
-    """Build (or, with ``skip_base``, reuse) the base model in ``out_dir`` and train its adapters there.
+                 base_overrides: dict | None = None, only: list[str] | None = None,
+                 members: list[str] | None = None, sd3_out: str | Path | None = None,
+                 sd3_overrides: dict | None = None) -> dict:
+    """Build (or, with ``skip_base``, reuse) each member's base model and train its adapters there.
 
-    ``adapter_seconds``: fit the step count to this many seconds per adapter, measured on the global one (two
-    short probe runs on the shared feature cache); every adapter then gets the same steps and batch.
-    ``only``: train just these adapter files (names from :data:`ADAPTERS`); the others in ``out_dir`` stay.
+    ``members``: "world" (the UNet member, in ``out_dir``) and/or "world-sd3" (the transformer member, in
+    ``sd3_out``, default :func:`sd3_folder`; its base needs the UNet member's parts, so "world" is built first or
+    found in ``out_dir``). ``adapter_seconds``: fit the UNet member's step count to this many seconds per adapter,
+    measured on the global one (two short probe runs on the shared feature cache); every adapter then gets the
+    same steps and batch. ``only``: train just these adapter files; the others stay.
     """
-    from ..training.train import TrainConfig, train
-    from . import shapes as world
     from .build import build
+    from .build_sd3 import build_sd3
 
     out = Path(out_dir)
-    unknown = sorted(set(only or ()) - set(ADAPTERS))
+    members = list(members or MEMBERS)
+    unknown = sorted(set(members) - set(MEMBERS)) or sorted(set(only or ()) - set(ADAPTERS) - set(SD3_ADAPTERS))
     if unknown:
-        raise IPAdapterError(f"--adapters {', '.join(unknown)}: the world's adapters are {', '.join(ADAPTERS)}")
-    steps = adapter_steps or (QUICK["adapter_steps"] if quick else ADAPTER_STEPS)
-    batch = adapter_batch or (QUICK["adapter_batch"] if quick else ADAPTER_BATCH)
+        raise IPAdapterError(f"{', '.join(unknown)}: the world's members are {', '.join(MEMBERS)}, their adapters "
+                             f"{', '.join(dict.fromkeys([*ADAPTERS, *SD3_ADAPTERS]))}")
+    summary: dict = {}
+    t0 = time.perf_counter()
+    if "world" in members:
+        if not skip_base:
+            overrides = dict(base_overrides or {})
+            if base_budget_s is not None:
+                overrides["time_budget_s"] = base_budget_s or None
+            summary["base"] = build(out, device=device, quick=quick, seed=seed, progress=progress, **overrides)
+        steps = adapter_steps or (QUICK["adapter_steps"] if quick else ADAPTER_STEPS)
+        summary["adapters"] = train_adapters(
+            out, ADAPTERS, TRAINING, {}, steps, adapter_batch or (QUICK["adapter_batch"] if quick else ADAPTER_BATCH),
+            train_images, quick, seed, device, progress, only, adapter_seconds, fixed_steps=bool(adapter_steps))
+    if "world-sd3" in members:
+        folder = Path(sd3_out) if sd3_out else sd3_folder(out)
+        if not skip_base:
+            summary["sd3_base"] = build_sd3(out, folder, device=device, quick=quick, seed=seed, progress=progress,
+                                            **dict(sd3_overrides or {}))
+        steps = adapter_steps or (QUICK["adapter_steps"] if quick else SD3_STEPS)
+        summary["sd3_adapters"] = train_adapters(
+            folder, SD3_ADAPTERS, SD3_TRAINING, SD3_SETTINGS, steps,
+            adapter_batch or (QUICK["adapter_batch"] if quick else SD3_BATCH), train_images, quick, seed, device,
+            progress, only, None, fixed_steps=bool(adapter_steps))
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def train_adapters(out: Path, adapters: dict, training: dict, settings: dict, steps: int, batch: int,
+                   train_images: int | None, quick: bool, seed: int, device: str, progress: bool,
+                   only: list[str] | None, adapter_seconds: float | None, fixed_steps: bool = False) -> dict:
+    """Train a member's adapters (``adapters``: file -> (kind, shape, data variant); ``training``: per-file changes;
+    ``settings``: TrainConfig settings for all of them) on the frozen base in ``out``; record them in
+    ``out/world_family.json``. Returns {file: its record}."""
+    from ..training.train import TrainConfig, train
+    from . import shapes as world
+
     n_images = train_images or (QUICK["train_images"] if quick else TRAIN_IMAGES)
     summary: dict = {}
     t0 = time.perf_counter()
-    if not skip_base:
-        overrides = dict(base_overrides or {})
-        if base_budget_s is not None:
-            overrides["time_budget_s"] = base_budget_s or None
-        summary["base"] = build(out, device=device, quick=quick, seed=seed, progress=progress, **overrides)
-    summary["adapters"] = {}
-    chosen = {n: v for n, v in ADAPTERS.items() if only is None or n in only}
+    chosen = {n: v for n, v in adapters.items() if only is None or n in only}
     for name in list(chosen):  # an adapter fine-tuned from another comes after it
-        start = TRAINING.get(name, {}).get("init_adapter")
+        start = training.get(name, {}).get("init_adapter")
         if start in chosen:
             chosen[name] = chosen.pop(name)
         elif start is not None and not (out / start).is_file():
@@ -116,7 +174,7 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
                 adapter=dict(extra), max_steps=steps, batch_size=batch, lr=ADAPTER_LR,
                 warmup_steps=min(ADAPTER_WARMUP, steps // 10), max_grad_norm=1.0, save_every=steps, seed=seed,
                 device=device, progress=progress, cache=str(Path(tmp) / f"cache-{kind}"), tensorboard=False,
-                **changes,
+                **{**settings, **changes},
             )
 
         if adapter_seconds:
@@ -127,34 +185,33 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
                 timings.append(time.perf_counter() - started)
             rate = 100 / max(timings[2] - timings[1], 1e-3)
             steps = max(100, min(steps, int(rate * adapter_seconds)))
-            summary["probe_steps_per_s"] = round(rate, 2)
+            fixed_steps = True
             if progress:
                 print(f"world: {rate:.1f} steps/s -> {steps} steps per adapter", flush=True)
         for name, (kind, extra, variant) in chosen.items():
             started = time.perf_counter()
-            changes = dict(TRAINING.get(name, {}))
+            changes = dict(training.get(name, {}))
             own_steps = changes.pop("steps", None)  # explicit --adapter-steps / --quick / --adapter-seconds win
             if changes.get("init_adapter"):
                 changes["init_adapter"] = str(out / changes["init_adapter"])
-            n_steps = steps if adapter_steps or quick or adapter_seconds or own_steps is None else own_steps
+            n_steps = steps if fixed_steps or quick or own_steps is None else own_steps
             written = train(config(name, kind, extra, n_steps, variant, **changes))
             shutil.copy2(written, out / name)
             if changes.get("init_adapter"):
                 changes["init_adapter"] = Path(changes["init_adapter"]).name
-            summary["adapters"][name] = {"kind": kind, **extra, "data": variant, **DATA[variant],
-                                         **changes, "steps": n_steps, "batch": batch, "images": n_images,
-                                         "seconds": round(time.perf_counter() - started, 1)}
+            summary[name] = {"kind": kind, **extra, "data": variant, **DATA[variant], **settings, **changes,
+                             "steps": n_steps, "batch": batch, "images": n_images,
+                             "seconds": round(time.perf_counter() - started, 1)}
             if progress:
-                print(f"world: trained {name} in {summary['adapters'][name]['seconds']} s", flush=True)
-    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
-    record = {k: v for k, v in summary.items() if k != "base"}
+                print(f"world: trained {name} in {summary[name]['seconds']} s", flush=True)
+    record = {"adapters": summary, "total_seconds": round(time.perf_counter() - t0, 1)}
     previous = out / "world_family.json"
     if only is not None and previous.is_file():  # keep what the other adapters' runs recorded
         try:
             earlier = json.loads(previous.read_text()).get("adapters", {})
         except (json.JSONDecodeError, AttributeError):
             earlier = {}
-        record["adapters"] = {**{k: v for k, v in earlier.items() if k in ADAPTERS}, **record["adapters"]}
+        record["adapters"] = {**{k: v for k, v in earlier.items() if k in adapters}, **summary}
     record["recipe"] = RECIPE
     previous.write_text(json.dumps(record, indent=1) + "\n")
     return summary
