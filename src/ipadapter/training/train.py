@@ -338,9 +338,11 @@ def make_adapter(cfg: TrainConfig, unet: nn.Module) -> Adapter:
         enc = getattr(enc, "vision_config", None) or enc
         embed = getattr(enc, "projection_dim", None) if kind == "global" else enc.hidden_size
         tokens = num_tokens or ((enc.image_size // enc.patch_size) ** 2 + 1 if kind == "full" else None)
-        overrides.setdefault("encoder", "siglip" if "siglip" in str(getattr(enc, "model_type", "")) else "clip")
     family = family_of(unet)
     config = family.new_config(unet, kind, embed or 0, tokens, **overrides)  # first: does the kind fit the model?
+    if enc is not None:  # the image encoder family it is trained with, recorded in its metadata
+        config = dataclasses.replace(config, encoder="siglip" if "siglip" in str(getattr(enc, "model_type", ""))
+                                     else "clip")
     family.check(config, unet, f"--kind {kind}")
     if not embed:
         raise IPAdapterError(f"--image-encoder {image_encoder_dir(cfg)}: a {kind} adapter reads a projected "
