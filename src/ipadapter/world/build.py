@@ -134,12 +134,16 @@ class BuildConfig:
 
 def make_config(quick: bool = False, **overrides) -> BuildConfig:
     """The full run's parameters, shrunk by QUICK if asked, then any ``name=value`` overrides."""
-    cfg = BuildConfig()
-    names = {f.name for f in fields(BuildConfig)}
+    return configure(BuildConfig, QUICK if quick else {}, overrides)
+
+
+def configure(cls, quick: dict, overrides: dict):
+    """``cls()`` (a build's parameter dataclass) with ``quick`` then ``overrides`` applied; unknown names refused."""
+    names = {f.name for f in fields(cls)}
     for key in overrides:
         if key not in names:
             raise TypeError(f"unknown build parameter {key!r}; known: {sorted(names)}")
-    return replace(cfg, **{**(QUICK if quick else {}), **overrides})
+    return replace(cls(), **{**quick, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

@@ -26,14 +26,25 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import shapes as world
-from .build import Stage, _optim, _randint, _set_lr, caption_table, lr_at, n_params, render_pool, to_unit
+from .build import (
+    Stage,
+    _optim,
+    _randint,
+    _set_lr,
+    caption_table,
+    configure,
+    encode_pool,
+    lr_at,
+    n_params,
+    render_pool,
+)
 
 T5_ZERO_TOKENS = 16  # the pipeline's max_sequence_length for this member (no T5: zero rows)
 POOL_TRAIN = 20_000
@@ -82,11 +93,7 @@ class SD3Config:
 
 
 def make_config(quick: bool = False, **overrides) -> SD3Config:
-    names = {f.name for f in fields(SD3Config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"unknown build parameter(s) {unknown}; known: {sorted(names)}")
-    return replace(SD3Config(), **{**(QUICK if quick else {}), **overrides})
+    return configure(SD3Config, QUICK if quick else {}, overrides)
 
 
 def load_base_parts(base: Path):
@@ -200,13 +207,7 @@ def build_sd3(base_dir: str | Path, out_dir: str | Path, device: str = "cpu", qu
     vae.to(dev)
     pool = render_pool(cfg.pool_train, world.TRAIN_SEED + seed, progress)
     caps = caption_table(tok, pool, seed)
-    with torch.no_grad():
-        means, stds = [], []
-        for i in range(0, len(pool.images), 256):
-            post = vae.encode(to_unit(pool.images[i : i + 256].to(dev))).latent_dist
-            means.append(post.mean)
-            stds.append(post.std)
-        mean, std = torch.cat(means), torch.cat(stds)
+    mean, std = encode_pool(vae, pool.images, dev)
     shift = mean.mean().item()
     scaling = 1.0 / (mean - shift).std().item()
     vae.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scaling, 5))

@@ -79,6 +79,10 @@ SD3_ADAPTERS = {
 }
 SD3_TRAINING = {DEFAULT_ADAPTER: {"init_adapter": "ip-adapter_pairs.safetensors", "steps": 400, "drop_text": 0.0}}
 SD3_SETTINGS = {"num_tokens": 8, "max_sequence_length": 16}  # 16: the zero rows the member was trained with
+SD3_RECIPE = ("ipadapter train on the frozen transformer member: world images (TRAIN_SEED + seed), partial captions, "
+              "AdamW lr 3e-4 wd 0.01, warm-up, grad clip 1.0, drop image/text/both 5% each, feature cache, 16 zero "
+              "T5 rows; time-plus adapters: 'pairs' data, then the default fine-tuned from it 400 steps on 'contra' "
+              "data, text never dropped")
 SD3_STEPS = 1_200
 SD3_BATCH = 64
 MEMBERS = ("world", "world-sd3")
@@ -135,14 +139,15 @@ def build_family(out_dir: str | Path, device: str = "cpu", quick: bool = False, 
         summary["sd3_adapters"] = train_adapters(
             folder, SD3_ADAPTERS, SD3_TRAINING, SD3_SETTINGS, steps,
             adapter_batch or (QUICK["adapter_batch"] if quick else SD3_BATCH), train_images, quick, seed, device,
-            progress, only, None, fixed_steps=bool(adapter_steps))
+            progress, only, None, fixed_steps=bool(adapter_steps), recipe=SD3_RECIPE)
     summary["total_seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
 
 def train_adapters(out: Path, adapters: dict, training: dict, settings: dict, steps: int, batch: int,
                    train_images: int | None, quick: bool, seed: int, device: str, progress: bool,
-                   only: list[str] | None, adapter_seconds: float | None, fixed_steps: bool = False) -> dict:
+                   only: list[str] | None, adapter_seconds: float | None, fixed_steps: bool = False,
+                   recipe: str = RECIPE) -> dict:
     """Train a member's adapters (``adapters``: file -> (kind, shape, data variant); ``training``: per-file changes;
     ``settings``: TrainConfig settings for all of them) on the frozen base in ``out``; record them in
     ``out/world_family.json``. Returns {file: its record}."""
@@ -222,6 +227,6 @@ def train_adapters(out: Path, adapters: dict, training: dict, settings: dict, st
         except (json.JSONDecodeError, AttributeError):
             earlier = {}
         record["adapters"] = {**{k: v for k, v in earlier.items() if k in adapters}, **summary}
-    record["recipe"] = RECIPE
+    record["recipe"] = recipe
     previous.write_text(json.dumps(record, indent=1) + "\n")
     return summary
