@@ -3,6 +3,7 @@ processor, generation parity with diffusers' own adapter, and attach/detach. dif
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -201,6 +202,22 @@ def test_generation_matches_diffusers(sd3_pipe, ours, diffusers_runs, prompt, gu
     assert abs(got - want).max() <= 1e-4
     assert (_uint8(got) == _uint8(want)).all()
     assert abs(got - base).max() > 1e-2  # the image prompt acts
+
+
+@pytest.mark.parametrize("guidance,num_images", [(5.0, 1), (5.0, 2), (1.0, 2)])
+def test_one_image_set_per_text_prompt(ours, guidance, num_images):
+    """images=[[a], [b]] with two text prompts (what `ipadapter eval` batches): each prompt's rows see their own
+    set, as when generated alone - the pipeline tiles the features it is handed over its whole batch."""
+    a, b = _image(0), _image(1)
+    kw = dict(scale=1.0, guidance_scale=guidance, num_images=num_images, **STEPS)
+    both = ours.generate(images=[[a], [b]], prompt=["x", "a red cat"], seed=0, **kw)
+    alone = [ours.generate(images=[a], prompt="x", seed=0, **kw),
+             ours.generate(images=[b], prompt="a red cat", seed=num_images, **kw)]
+    assert abs(both - np.concatenate(alone)).max() <= 1e-5  # batched kernels round differently
+    swapped = ours.generate(images=[[b], [a]], prompt=["x", "a red cat"], seed=0, **kw)
+    assert abs(swapped[:num_images] - both[:num_images]).max() > 1e-4  # the set, not the prompt, moved
+    with pytest.raises(IPAdapterError, match="image lists"):
+        ours.generate(images=[[a], [b], [a]], prompt=["x", "y"], seed=0, **kw)
 
 
 def test_negative_image_is_the_negative_rows(sd3_pipe, ours, diffusers_runs):

@@ -57,6 +57,8 @@ class StepTokens:
             state.step_tokens = None
             return embeds, None
         rows = embeds.shape[0]
+        if state.step_sets is not None:
+            embeds = own_sets(embeds, *state.step_sets)
         n = embeds.shape[1] if embeds.ndim == 4 else 1
         flat = embeds.reshape(rows * n, *embeds.shape[-2:])
         times = timestep.repeat_interleave(n) if n > 1 else timestep
@@ -68,6 +70,24 @@ class StepTokens:
             if not is_zero(state.step_scales[index]):  # a zero block scale costs nothing, as in diffusers
                 state.kv[index] = layer.keys_values(tokens, temb)
         return tokens, temb
+
+
+def own_sets(embeds: torch.Tensor, sets: int, branches: int) -> torch.Tensor:
+    """[rows, sets x n, S, H] (every row all sets' features, as the pipeline tiled them) -> [rows, n, S, H], each
+    row its own prompt's set. The pipeline's rows are ``branches`` blocks ([negative; positive]) of prompts x
+    images per prompt, prompt-major (each prompt's images together), as SD3 pipelines repeat their prompt embeds."""
+    if embeds.ndim == 3:  # one set of one image
+        embeds = embeds[:, None]
+    rows = embeds.shape[0]
+    per_branch = rows // branches
+    if embeds.ndim != 4 or rows % branches or per_branch % sets or embeds.shape[1] % sets:
+        raise IPAdapterError(f"image sets: {sets} set(s) of image features for a pipeline batch of {rows} row(s) "
+                             f"with {embeds.shape[1] if embeds.ndim == 4 else 1} feature(s) each; give one image "
+                             "set per text prompt")
+    per_prompt = per_branch // sets
+    index = (torch.arange(rows, device=embeds.device) % per_branch) // per_prompt
+    grouped = embeds.unflatten(1, (sets, embeds.shape[1] // sets))
+    return grouped[torch.arange(rows, device=embeds.device), index]
 
 
 class JointIPProcessor(AdapterSlots):

@@ -117,6 +117,9 @@ class AdapterState:
         self.projection: nn.Module | None = None
         self.step_tokens: torch.Tensor | None = None
         self.step_scales: dict[int, float] = {}
+        # one image set per text prompt: (sets, branches) - the embeds' image axis holds every set's features
+        # in turn, the rows are [negative; positive] (branches 2) or positive alone, each prompt-major
+        self.step_sets: tuple[int, int] | None = None
         self._expanded: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # the rows of [uncond; cond] the pipeline laid out for the current denoiser call (see core.rows), or None:
         # then the batch is taken as [uncond; cond] (the plain layout), and one that does not fit is an error

@@ -336,6 +336,7 @@ def _reset(state) -> None:
     state.scale, state.layer_scales, state.schedule = 1.0, {}, None
     state.masks, state.image_weights = None, None
     state.kv_scaling = "v"
+    state.step_sets = None
 
 
 def _check_comfy(prompt: ImagePrompt, mode: str, layers):
@@ -478,7 +479,8 @@ class IPAdapter:
         self._controlnets: dict[str, object] = {}
         self.face_analysis = None  # insightface FaceAnalysis (or anything with its interface), loaded on first use
         self.insightface_root: str | os.PathLike | None = None  # where its model pack lives (default ~/.insightface)
-        self._step_features: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # adapter -> (cond, uncond) features
+        # adapter -> (cond, uncond) features, and the number of image sets (one per text prompt) or None
+        self._step_features: dict[int, tuple[torch.Tensor, torch.Tensor, int | None]] = {}
         for adapter in self.adapters:
             if image_encoder is not None:  # FaceID-Plus reads CLIP features too; check_encoder knows each kind
                 adapter.check_encoder(image_encoder.model)
@@ -627,7 +629,7 @@ class IPAdapter:
         if target.config.time_conditioned:  # SD3.5: tokens are made at every step from what the pipeline hands
             _check_step_controls(masks, image_weights)
             state.scale, state.layer_scales, state.schedule = scale, layer_scales, sched
-            self._step_features[adapter] = (cond.penultimate, uncond.penultimate)
+            self._step_features[adapter] = (cond.penultimate, uncond.penultimate, len(sets) if sets else None)
             return
         if sets is None:
             tokens = self.family.project(target, cond, uncond)
@@ -664,11 +666,16 @@ class IPAdapter:
         (SD3.5): the image features as ``ip_adapter_image_embeds``, [negative; positive] when the pipeline guides
         (SD3 pipelines guide when ``guidance_scale > 1``), [rows, n_images, S, H] for several images. The pipeline
         repeats them for its batch and the transformer hands them to the adapter at every step. Empty otherwise:
-        ``ip.set_images([...]); pipe(prompt=..., **ip.pipeline_inputs(7.0))``."""
+        ``ip.set_images([...]); pipe(prompt=..., **ip.pipeline_inputs(7.0))``.
+
+        With one image set per text prompt every row carries all sets' features (the pipeline tiles what it is
+        given over its whole batch); the adapter's state learns the layout, and at each step every row reads its
+        own prompt's set (:class:`~ipadapter.bases.sd3.StepTokens`)."""
         inputs: dict = {}
-        for cond, uncond in self._step_features.values():
-            rows = [uncond, cond] if guidance_scale > 1 else [cond]
-            embeds = torch.stack(rows)  # [rows, n, S, H]
+        for adapter, (cond, uncond, sets) in self._step_features.items():
+            branches = 2 if guidance_scale > 1 else 1
+            embeds = torch.stack([uncond, cond] if branches == 2 else [cond])  # [rows, n, S, H]
+            self.adapters[adapter].state.step_sets = (sets, branches) if sets else None
             inputs["ip_adapter_image_embeds"] = embeds[:, 0] if embeds.shape[1] == 1 else embeds
         return inputs
 
