@@ -256,9 +256,10 @@ def markdown(results: dict, checks: dict) -> str:
 
 def _label(results: dict, name: str) -> str:
     info = results["adapters"].get(name, {})
-    what = {"default": "default: global, contradictions in every attribute", "global": "global (the paper's recipe)",
+    kind = info.get("kind") or "global"  # the file's own kind (the transformer member's are time-plus)
+    what = {"default": f"default: {kind}, contradictions in every attribute", "global": "global (the paper's recipe)",
             "plus": "plus (resampler)", "simple": "simple (concat, no new K/V)",
-            "pairs": "global, contradicting pairs for half the items"}.get(name, name)
+            "pairs": f"{kind}, contradicting pairs for half the items"}.get(name, name)
     if info.get("attention") == "concat" and "concat" not in what:
         what += " (concat)"
     return f"{what}, {info['parameters'] / 1e6:.2f}M" if info.get("parameters") else what

@@ -279,3 +279,28 @@ def test_embedded_members_are_named_and_a_real_folder_of_that_name_wins(tmp_path
                                                                                                   "a.safetensors")
     with pytest.raises(IPAdapterError, match="not an embedded model; they are world, world-sd3"):
         embedded_model("world-flux")
+
+
+def test_a_rebuilt_or_copied_member_keeps_its_call_settings(tmp_path):
+    """`world build --out DIR` writes the transformer member to DIR_sd3: that folder (or a copy of the shipped
+    one) is called with the T5 zero rows its world_build.json records, as the shipped member is; other models
+    get nothing added. (The base without them draws from out of its training distribution.)"""
+    import json
+
+    from ipadapter.generation.pipeline import EMBEDDED_MEMBERS, world_call
+
+    assert world_call("world-sd3") == {"max_sequence_length": 16} and world_call("world") == {}
+    rebuilt = tmp_path / "DIR_sd3"
+    rebuilt.mkdir()
+    (rebuilt / "world_build.json").write_text(json.dumps({"config": {"t5_zero_tokens": 12}}))
+    assert world_call(str(rebuilt)) == {"max_sequence_length": 12}
+    shipped = EMBEDDED_MEMBERS["world-sd3"] / "world_build.json"
+    if shipped.is_file():
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / "world_build.json").write_text(shipped.read_text())
+        assert world_call(str(copy)) == {"max_sequence_length": 16}
+    (tmp_path / "other").mkdir()
+    assert world_call(str(tmp_path / "other")) == {} and world_call(str(tmp_path / "missing")) == {}
+    (tmp_path / "other" / "world_build.json").write_text("{broken")
+    assert world_call(str(tmp_path / "other")) == {}

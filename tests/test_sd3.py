@@ -425,3 +425,40 @@ def test_a_time_plus_adapter_records_the_encoder_it_was_trained_with(tmp_path, s
         Adapter(loaded).check_encoder(tiny_siglip_encoder(hidden=clip.config.hidden_size)[0])
     with pytest.raises(ValueError, match="image encoder family"):
         replace(cfg, encoder="dino")
+
+
+def test_a_fresh_adapter_starts_near_the_base(tmp_path, sd3_pipe):
+    """The trainer's initialisation (SD3Family.init_kv): zero image values and image keys that outweigh the
+    latent ones, so the image attention - which attends over the latent tokens too - starts adding little; copying
+    the block's text K/V as on UNets starts by adding a second self-attention at full strength."""
+    from ipadapter.bases.sd3 import IMAGE_KEY_GAIN, SD3
+    from ipadapter.core.checkpoint import write_checkpoint
+    from ipadapter.generation.pipeline import load
+    from ipadapter.testing import time_plus_config
+
+    transformer = sd3_pipe.transformer
+    config = time_plus_config(transformer, sd3_pipe.image_encoder.config.hidden_size)
+    fresh = Adapter(config)
+    SD3.init_kv(fresh, transformer)
+    copied = Adapter(config)
+    copied.load_state_dict(fresh.state_dict())
+    block = transformer.transformer_blocks[0].attn
+    with torch.no_grad():
+        for layer in SD3.layers(transformer):  # the UNet recipe: image K/V = the block's context K/V
+            ip, attn = copied.ip_adapter[str(layer.index)], transformer.get_submodule(layer.module_name)
+            ip.to_v_ip.weight.copy_(attn.add_v_proj.weight)
+            ip.norm_ip_k.weight.div_(IMAGE_KEY_GAIN)
+    ip0 = fresh.ip_adapter["0"]
+    assert not ip0.to_v_ip.weight.any()
+    torch.testing.assert_close(ip0.norm_ip_k.weight, IMAGE_KEY_GAIN * block.norm_added_k.weight)
+    base = sd3_pipe(prompt="a cat", guidance_scale=1.0, generator=_generators(0), **STEPS).images
+    dist = {}
+    for name, adapter in (("fresh", fresh), ("copied", copied)):
+        path = write_checkpoint(tmp_path / f"{name}.safetensors", adapter.config, adapter.state_dict())
+        ip = load(sd3_pipe, path)
+        try:
+            out = ip.generate(images=[_image(0)], prompt="a cat", scale=1.0, guidance_scale=1.0, seed=0, **STEPS)
+        finally:
+            ip.detach()
+        dist[name] = abs(out - base).mean()
+    assert dist["fresh"] < 0.5 * dist["copied"], dist

@@ -115,3 +115,25 @@ def test_the_transformer_members_base_follows_held_out_captions(world_sd3):
     empty = evaluate(target, world_pairs(PROMPTS), None, EvalSettings(text_only=True, **SETTINGS),
                      judge=WorldJudge()).metrics
     assert not meets_image_only(empty), empty
+
+
+SD3_IMAGE_ONLY_FLOOR = 4 / 8  # background and shape colour each (see the README: the member's adapters carry the
+#                               prompt's colours, not its shape yet); these prompts: 5/8 and 5/8 (shape 1/8);
+#                               zeroed: 2/8 and 3/8
+
+
+def test_the_transformer_members_adapter_carries_the_prompt_images_colours(world_sd3, tmp_path):
+    """Image-only on the SD3.5-shaped member with its default adapter: background and shape colour each
+    >= SD3_IMAGE_ONLY_FLOOR; a zeroed copy (it generates what the empty text gives) fails it."""
+    pipe, _, default = world_sd3
+    cfg, tensors = read_checkpoint(default)
+    zeroed = write_checkpoint(tmp_path / "zeroed.safetensors", cfg,
+                              {k: torch.zeros_like(v) for k, v in tensors.items()})
+
+    def meets(m: dict) -> bool:
+        return m["background"] >= SD3_IMAGE_ONLY_FLOOR and m["colour"] >= SD3_IMAGE_ONLY_FLOOR
+
+    m = image_only(pipe, default)
+    assert meets(m), m
+    z = image_only(pipe, zeroed)
+    assert not meets(z), z

@@ -72,6 +72,9 @@ class StepTokens:
         return tokens, temb
 
 
+IMAGE_KEY_GAIN = 8.0  # a fresh adapter's image keys against the latent ones (see SD3Family.init_kv)
+
+
 def own_sets(embeds: torch.Tensor, sets: int, branches: int) -> torch.Tensor:
     """[rows, sets x n, S, H] (every row all sets' features, as the pipeline tiled them) -> [rows, n, S, H], each
     row its own prompt's set. The pipeline's rows are ``branches`` blocks ([negative; positive]) of prompts x
@@ -259,18 +262,28 @@ class SD3Family(BaseFamily):
                              head_dim=denoiser.config.attention_head_dim, base_family="sd3", **shape)
 
     def init_kv(self, adapter, denoiser: nn.Module) -> None:
-        """Image K/V start as the block's context (text) K/V, the QK norms as the block's own; AdaLN at identity."""
+        """A fresh adapter starts near the frozen base: image K as the block's context (text) K, with the image-key
+        norm IMAGE_KEY_GAIN times the block's, and image V zero; the other QK norms as the block's; AdaLN at identity.
+
+        InstantX's image attention attends over the latent tokens' own keys and values as well as the image tokens'
+        and adds the result to the block, so an adapter that copied the text K/V (the UNet recipe) would start by
+        adding a second self-attention at full strength: on the world's transformer member that doubled the base's
+        flow-matching loss (0.25 -> 0.49 on a batch) and training spent its steps undoing it. Zero image values and
+        keys that outweigh the latent ones make most of the attention land on tokens that add nothing (0.39 at
+        the start); the image tokens' values then grow from there."""
         for layer in self.layers(denoiser):
             ip = adapter.ip_adapter[str(layer.index)]
             attn = denoiser.get_submodule(layer.module_name)
-            k, v = (attn.add_k_proj, attn.add_v_proj) if attn.add_k_proj is not None else (attn.to_k, attn.to_v)
+            k = attn.add_k_proj if attn.add_k_proj is not None else attn.to_k
             with torch.no_grad():
                 ip.to_k_ip.weight.copy_(k.weight)
-                ip.to_v_ip.weight.copy_(v.weight)
+                ip.to_v_ip.weight.zero_()
                 for mine, theirs in ((ip.norm_q, attn.norm_q), (ip.norm_k, attn.norm_k),
                                      (ip.norm_ip_k, attn.norm_added_k or attn.norm_k)):
                     if getattr(theirs, "weight", None) is not None:
                         mine.weight.copy_(theirs.weight)
+                if getattr(ip.norm_ip_k, "weight", None) is not None:
+                    ip.norm_ip_k.weight.mul_(IMAGE_KEY_GAIN)
                 ip.norm_ip.linear.weight.zero_()
                 ip.norm_ip.linear.bias.zero_()
 

@@ -874,7 +874,7 @@ class IPAdapter:
                         f"leaves no denoising step (it runs int(steps x strength)); raise "
                         f"{param('num_inference_steps')} or {param('strength')}"
                     )
-            for key, value in EMBEDDED_CALL.get(embedded_name(self.pipe), {}).items():
+            for key, value in world_call(self.pipe).items():
                 call.setdefault(key, value)
             family_kwargs = {k: v for k, v in self.family.call_kwargs(pipe).items() if k in accepted}
             call.update(family_kwargs)  # a family's own hand-over (Flux: its branch markers)
@@ -1061,6 +1061,23 @@ EMBEDDED_MEMBERS = {"world": EMBEDDED_MODEL, "world-sd3": EMBEDDED_MODEL.with_na
 # What a member is called with beyond the pipeline's defaults: the SD3 member has no T5, and was trained with 16
 # of the zero rows StableDiffusion3Pipeline puts in T5's place (its default is 256).
 EMBEDDED_CALL = {"world-sd3": {"max_sequence_length": 16}}
+
+
+def world_call(model) -> dict:
+    """The pipeline-call settings a world member was trained for (:data:`EMBEDDED_CALL`): the shipped member's, or
+    those a rebuilt or copied member's ``world_build.json`` records (its T5 zero rows); {} for any other model."""
+    name = embedded_name(model)
+    if name is not None:
+        return dict(EMBEDDED_CALL.get(name, {}))
+    folder = model_folder(model)
+    record = folder / "world_build.json" if folder is not None else None
+    if record is None or not record.is_file():
+        return {}
+    try:
+        zeros = json.loads(record.read_text()).get("config", {}).get("t5_zero_tokens")
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+    return {"max_sequence_length": int(zeros)} if isinstance(zeros, int) and zeros > 0 else {}
 
 
 def embedded_model(name: str | None = None) -> tuple[Path, Path]:

@@ -107,7 +107,8 @@ class TrainConfig:
     mode_scale: float = 1.29
     loss_weighting: str = "none"  # or sigma_sqrt, cosmap
     guidance_scale: float = 3.5  # Flux: the guidance embedding of guidance-distilled transformers (FLUX.1-dev)
-    max_sequence_length: int = 77  # T5 tokens of each caption (Flux, SD3)
+    # T5 tokens of each caption (Flux, SD3); None: 77, or the zero rows a world member was trained with
+    max_sequence_length: int | None = None
     seed: int = 0
     device: str | None = None  # "cpu" forces the CPU; default: what accelerate picks
     # feature cache
@@ -167,6 +168,8 @@ class TrainConfig:
             raise IPAdapterError(f"--kind {self.kind}: trainable kinds are {', '.join(KINDS)}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every", "validation_steps",
                      "cache_shard_size", "keep_checkpoints", "max_sequence_length"):
+            if name == "max_sequence_length" and self.max_sequence_length is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -247,7 +250,10 @@ def load_models(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> M
         raise IPAdapterError(f"timestep_sampling = {cfg.timestep_sampling!r}: a flow-matching setting (Flux, SD3); "
                              f"{parts.variant} trains on its DDPM schedule")
     vae = _read_json(path / "vae" / "config.json")
-    extra = dict(parts.extra, max_sequence_length=cfg.max_sequence_length, objective={
+    from ..generation.pipeline import world_call
+
+    length = cfg.max_sequence_length or world_call(path).get("max_sequence_length", 77)
+    extra = dict(parts.extra, max_sequence_length=length, objective={
         "timestep_sampling": cfg.timestep_sampling or family.default_timestep_sampling, "logit_mean": cfg.logit_mean,
         "logit_std": cfg.logit_std, "mode_scale": cfg.mode_scale, "loss_weighting": cfg.loss_weighting,
         "guidance_scale": cfg.guidance_scale})
