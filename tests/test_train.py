@@ -341,6 +341,21 @@ def test_init_adapter_fine_tunes_a_file_and_refuses_one_that_does_not_fit(datase
         train(config(dataset, tmp_path / "d", max_steps=1, init_adapter=str(plus)))
 
 
+def test_projection_lr_moves_the_image_projection_at_its_own_rate(dataset, tmp_path):
+    """projection_lr: the image projection (image_proj.*) gets its own learning rate, the K/V layers keep lr.
+    One step from the same seed: with projection_lr ~0 the projection stays where a new adapter starts while the
+    K/V take the very step of a plain run; a bad value is one clear error."""
+    plain = weights(train(config(dataset, tmp_path / "a", max_steps=1, lr=1e-3, warmup_steps=0)))
+    held = weights(train(config(dataset, tmp_path / "b", max_steps=1, lr=1e-3, warmup_steps=0, projection_lr=1e-12)))
+    start = weights(new_start(dataset, tmp_path))
+    part = lambda w, prefix: {k: v for k, v in w.items() if k.startswith(prefix)}  # noqa: E731
+    assert max_diff(part(held, "ip_adapter."), part(plain, "ip_adapter.")) < 1e-7
+    assert max_diff(part(held, "image_proj."), part(start, "image_proj.")) < 1e-7
+    assert max_diff(part(plain, "image_proj."), part(start, "image_proj.")) > 1e-5
+    with pytest.raises(IPAdapterError, match="projection_lr = -1"):
+        TrainConfig(data=str(dataset), model="m", output=str(tmp_path / "c"), projection_lr=-1).check()
+
+
 def new_start(dataset, tmp_path):
     """The new adapter a run starts from (0 steps is not a run: 1 step at lr ~0)."""
     return train(config(dataset, tmp_path / "zero", max_steps=1, lr=1e-12, warmup_steps=0))

@@ -87,6 +87,8 @@ class TrainConfig:
     batch_size: int = 8  # per process
     grad_accum: int = 1
     lr: float = 1e-4
+    projection_lr: float | None = None  # the image projection's own rate (image_proj.*; default: lr): a resampler
+    # must learn which patch states to read, where the K/V copies start from the text's (see the world's plus)
     weight_decay: float = 0.01
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -174,6 +176,8 @@ class TrainConfig:
                 raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise IPAdapterError(f"--lr {self.lr}: must be a positive number (the paper uses 1e-4)")
+        if self.projection_lr is not None and not (self.projection_lr > 0 and math.isfinite(self.projection_lr)):
+            raise IPAdapterError(f"projection_lr = {self.projection_lr}: must be a positive number (or unset: lr)")
         drops = (self.drop_image, self.drop_text, self.drop_both)
         if any(not 0 <= p <= 1 for p in drops) or sum(drops) > 1:
             raise IPAdapterError(f"drop_image/drop_text/drop_both = {drops}: each in [0, 1], together at most 1")
@@ -869,7 +873,12 @@ def setup_optimizer(run: Run) -> None:
     """Optimiser, schedule, EMA; accelerate wraps model + optimiser + schedule (DDP syncs the adapter's grads)."""
     cfg = run.cfg
     model = Trainee(run.m.unet, run.adapter, run.m.family, run.m.extra)
-    optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+    groups: list = run.params
+    if cfg.projection_lr is not None:  # its own group (one group otherwise: checkpoints of either kind resume)
+        own = {id(p) for p in run.adapter.image_proj.parameters()}
+        groups = [{"params": [p for p in run.params if id(p) not in own]},
+                  {"params": [p for p in run.params if id(p) in own], "lr": cfg.projection_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
 
     def lr_factor(step: int) -> float:
