@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from ipadapter.core.checkpoint import parameter_count, read_checkpoint
 from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, find_clip, write_json
 from ipadapter.evaluation.evaluate import evaluate as _evaluate
-from ipadapter.generation.pipeline import EMBEDDED_CALL, EMBEDDED_MODEL, embedded_name, load, load_pipeline
+from ipadapter.generation.pipeline import EMBEDDED_MODEL, load, load_pipeline, world_call
 from ipadapter.world import shapes as world
 from ipadapter.world.judge import FAMILIES, TUNING_SEED, WorldJudge, contradiction_pairs, world_pairs
 
@@ -120,7 +120,7 @@ def scale_zero_check(pipe, adapter_file: Path, pairs: list[Pair], cfg: dict, see
                         for i, p in enumerate(pairs)]
     finally:
         ip.detach()
-    member = EMBEDDED_CALL.get(embedded_name(pipe), {})  # what the product calls an embedded member with
+    member = world_call(pipe)  # what the product calls a world member with (a copy's too: its T5 zero rows)
     bare = [pipe(prompt=ZERO_TEXT, generator=torch.Generator("cpu").manual_seed(seed + i), **kw, **member).images
             for i in range(len(pairs))]
     diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(with_adapter, bare)]
