@@ -118,7 +118,7 @@ def test_the_transformer_members_base_follows_held_out_captions(world_sd3):
 
 
 SD3_IMAGE_ONLY_FLOOR = 4 / 8  # background and shape colour each (see the README: the member's adapters carry the
-#                               prompt's colours, not its shape yet); these prompts: 5/8 and 5/8 (shape 1/8);
+#                               prompt's colours, not its shape yet); these prompts: 6/8 and 5/8 (shape 1/8);
 #                               zeroed: 2/8 and 3/8
 
 
