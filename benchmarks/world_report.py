@@ -375,7 +375,8 @@ class Report:
                 f"image_text/{name}", family_metrics, ip, cfg["family_prompts"],
                 self.settings(scale=IMAGE_TEXT_SCALE, samples=cfg["family_samples"]), keep=cfg["grid_rows"] // 2)
             scanned = SCANNED if self.args.scan is None else self.args.scan
-            if name in scanned or len(self.adapters) == 1:  # image + text: which scale works
+            if name in scanned or (self.args.scan is None and len(self.adapters) == 1):  # which scale works
+                # (a lone adapter is scanned unless --scan names others, or none: `--scan` alone)
                 res["image_text_scales"][name] = self.timed(f"image_text_scales/{name}", family_scale_sweep, ip,
                                                             cfg["tuning_prompts"], cfg["family_scales"], self.settings)
             if not self.args.no_clip_sweep and (name != "simple" or len(self.adapters) == 1):
