@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ipadapter.core.checkpoint import read_checkpoint
 from ipadapter.generation.pipeline import EMBEDDED_MODEL
 from ipadapter.world import shapes as world
 
@@ -63,16 +64,12 @@ def cls_attention(resampler, states: torch.Tensor) -> tuple[float, float]:
 
 def adapter_tokens(path: str | None, like: str | None = None):
     """(label, projection module, kind) of an adapter file; path None: a fresh resampler shaped as ``like``'s."""
-    from safetensors.torch import load_file
-
-    from ipadapter.core.checkpoint import read_checkpoint
     from ipadapter.core.projection import build_projection
 
     cfg, tensors = read_checkpoint(path or like)
     module = build_projection(cfg).eval()
     if path is not None:
-        module.load_state_dict({k[len("image_proj."):]: v for k, v in load_file(path).items()
-                                if k.startswith("image_proj.")})
+        module.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
     label = f"{cfg.kind} {Path(path).parent.name}/{Path(path).name}" if path else f"{cfg.kind}, fresh (its start)"
     return label, module, cfg.kind
 
@@ -116,7 +113,7 @@ def main(argv=None) -> None:
 
     files = args.adapters if args.adapters is not None else [
         f"{args.model}/ip-adapter_global.safetensors", None, f"{args.model}/ip-adapter_plus.safetensors"]
-    plus_like = next((f for f in files if f and adapter_tokens(f)[2] == "plus"), None)
+    plus_like = next((f for f in files if f and read_checkpoint(f)[0].kind == "plus"), None)
     print("\nthe image tokens adapters hand the UNet: probe accuracy | variance share | resampler attention")
     print("| tokens | " + " | ".join(ATTRIBUTES) + " | variance share " + " / ".join(ATTRIBUTES)
           + " | attention on CLS / on a patch |")
