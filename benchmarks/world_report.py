@@ -44,7 +44,7 @@ from ipadapter.evaluation.evaluate import ClipScorer, EvalSettings, Pair, find_c
 from ipadapter.evaluation.evaluate import evaluate as _evaluate
 from ipadapter.generation.pipeline import EMBEDDED_MODEL, load, load_pipeline, world_call
 from ipadapter.world import shapes as world
-from ipadapter.world.judge import FAMILIES, TUNING_SEED, WorldJudge, contradiction_pairs, world_pairs
+from ipadapter.world.judge import FAMILIES, TUNING_SEED, WorldJudge, contradiction_pairs, layout_fidelity, world_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER_NAMES = ("default", "global", "plus", "simple", "pairs")  # model/ip-adapter_<name>.safetensors
@@ -239,6 +239,17 @@ def markdown(results: dict, checks: dict) -> str:
     if zero:
         lines.append(f"Scale 0 vs the text-only pipeline: {zero['bit_exact']}/{zero['images']} images bit-exact "
                      f"(max abs difference {zero['max_abs_diff']:g}).")
+    layout = results.get("layout") or {}
+    if layout:
+        lines += ["", "Image only, what no caption names: the shape's size and place (`world_parse.layout`: the "
+                  "bounding box of the judge's shape mask; sides 18-44 px of 64). Size r: correlation of the prompt's "
+                  "and the generation's side; errors: medians, pixels:", "",
+                  "| adapter | size r | size error | centre error | shape found |", "| --- | --- | --- | --- | --- |"]
+        for name, m in layout.items():
+            label = "text only, empty prompt (baseline)" if name == "text_only" else _label(results, name)
+            vals = [("-" if m[k] is None else f"{m[k]:.2f}" if k == "size_r" else f"{m[k]:.1f}")
+                    for k in ("size_r", "size_error", "centre_error")]
+            lines.append(f"| {label} | " + " | ".join(vals) + f" | {m['found']:.0%} |")
     scans = results.get("image_text_scales") or {}
     if scans:
         scales = [p["scale"] for p in next(iter(scans.values()))]
@@ -338,7 +349,8 @@ class Report:
                          "machine": platform.machine(),
                          "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") else None},
             "adapters": {n: adapter_info(p) for n, p in adapters.items()},
-            "image_only": {}, "text_only": {}, "image_text": {}, "image_text_scales": {}, "sweep": {}, "seconds": {},
+            "image_only": {}, "layout": {}, "text_only": {}, "image_text": {}, "image_text_scales": {}, "sweep": {},
+            "seconds": {},
         }
         build_info = model / "world_build.json"
         if build_info.is_file():
@@ -370,6 +382,7 @@ class Report:
             r = self.timed(f"image_only/{name}", evaluate, ip, self.pairs, self.clip, self.settings(scale=1.0),
                            keep_images=True)
             res["image_only"][name] = r.metrics
+            res["layout"][name] = layout_fidelity([p.image for p in self.pairs], r.images)
             self.grid.append((name, [im[0] for im in r.images[: cfg["grid_rows"]]]))
             res["image_text"][name], self.family_grid[name] = self.timed(
                 f"image_text/{name}", family_metrics, ip, cfg["family_prompts"],
@@ -396,6 +409,7 @@ class Report:
         r = self.timed("text_only/empty", evaluate, pipe, self.pairs, self.clip, self.settings(text_only=True),
                        keep_images=True)
         res["text_only"]["empty"] = r.metrics
+        res["layout"]["text_only"] = layout_fidelity([p.image for p in self.pairs], r.images)
         self.grid.append(("text only", [im[0] for im in r.images[: self.cfg["grid_rows"]]]))
         res["text_only"]["caption"] = self.timed("text_only/caption", evaluate, pipe, self.pairs, self.clip,
                                                  self.settings(text_only=True, prompt_from_caption=True)).metrics

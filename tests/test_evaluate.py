@@ -429,6 +429,8 @@ def test_world_report_quick_run_writes_every_output(model_files, clip_dir, tmp_p
         f"image + text at {report.IMAGE_TEXT_SCALE}: all three as wanted >= 90% in every family ({n})"
         for n in ("global", "simple")}
     assert (out / "world_results.md").read_text().strip() == data["markdown"] and data["markdown"] in printed
+    assert set(data["layout"]) == {"global", "simple", "text_only"} and "| size r |" in data["markdown"]
+    assert all(m["n"] == data["image_only"]["global"]["n_images"] for m in data["layout"].values())
     for name in ("clip_scale_sweep.png", "world_grid.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

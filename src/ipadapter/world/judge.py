@@ -25,7 +25,7 @@ from PIL import Image
 from ..core.errors import IPAdapterError
 from ..evaluation.evaluate import Pair, attribute_hits, summarize_hits
 from . import shapes as world
-from .parse import parse
+from .parse import layout, parse
 
 ATTRIBUTES = ("background", "colour", "shape")
 
@@ -133,3 +133,23 @@ def attribute_accuracy(generated: Sequence, expected: Sequence[dict]) -> dict[st
         raise ValueError(f"{len(generated)} generated images for {len(expected)} expectations")
     parsed = [g if isinstance(g, dict) else parse(g) for g in generated]
     return summarize_hits([attribute_hits(p, e) for p, e in zip(parsed, expected)], ATTRIBUTES)
+
+
+def layout_fidelity(prompt_images, generated) -> dict:
+    """How well generations keep what no caption names: the shape's size and place (:func:`parse.layout`).
+    ``generated``: [prompt][sample]. size_r: correlation of the prompt's and the generation's bounding-box side;
+    size_error / centre_error: median absolute difference of the side and median distance of the box centres,
+    in pixels (of 64); over the generations where a shape is found (``found``)."""
+    pairs = []
+    for prompt, samples in zip(prompt_images, generated):
+        want = layout(prompt)
+        pairs += [(want, got) for got in map(layout, samples) if got is not None and want is not None]
+    n = sum(len(s) for s in generated)
+    if len(pairs) < 2:
+        return {"size_r": None, "size_error": None, "centre_error": None, "found": len(pairs) / max(n, 1), "n": n}
+    want = np.array([[w["x"], w["y"], w["size"]] for w, _ in pairs])
+    got = np.array([[g["x"], g["y"], g["size"]] for _, g in pairs])
+    r = np.corrcoef(want[:, 2], got[:, 2])[0, 1] if want[:, 2].std() and got[:, 2].std() else 0.0
+    return {"size_r": float(r), "size_error": float(np.median(np.abs(want[:, 2] - got[:, 2]))),
+            "centre_error": float(np.median(np.linalg.norm(want[:, :2] - got[:, :2], axis=1))),
+            "found": len(pairs) / n, "n": n}

@@ -115,13 +115,8 @@ def classify_shape(f: dict[str, float]) -> str:
     return "circle"
 
 
-def parse(image) -> dict[str, str | None]:
-    """Attributes of a world image (PIL image or HxWx3 array, uint8 or float in [0, 1]).
-
-    Returns ``{"background": ..., "colour": ..., "shape": ...}``; colour and shape are None when no
-    foreground is found.
-    """
-    a = _to_array(image)
+def _read(a: np.ndarray) -> tuple[dict[str, str | None], np.ndarray | None]:
+    """The attributes and the shape's mask (None when no foreground is found)."""
     border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
     bg_rgb = np.median(border, axis=0)
     background = nearest_colour(bg_rgb)
@@ -131,7 +126,7 @@ def parse(image) -> dict[str, str | None]:
     dist = np.sqrt(((a - bg_ref) ** 2).sum(-1))
     cand = _majority3(dist > _FG_DIST)
     if cand.sum() < MIN_PIXELS:
-        return out
+        return out, None
     # Shape colour: vote of the nearest palette colour of each candidate pixel (the background excluded).
     px = a[cand]
     d = ((px[:, None, :] - _RGB[None]) ** 2).sum(-1)
@@ -147,6 +142,27 @@ def parse(image) -> dict[str, str | None]:
     mask = _largest_component(_majority3(t > 0.5))
     if mask.sum() < MIN_PIXELS:
         out["colour"] = None
-        return out
+        return out, None
     out["shape"] = classify_shape(shape_features(mask))
-    return out
+    return out, mask
+
+
+def parse(image) -> dict[str, str | None]:
+    """Attributes of a world image (PIL image or HxWx3 array, uint8 or float in [0, 1]).
+
+    Returns ``{"background": ..., "colour": ..., "shape": ...}``; colour and shape are None when no
+    foreground is found.
+    """
+    return _read(_to_array(image))[0]
+
+
+def layout(image) -> dict[str, float] | None:
+    """Where the shape is and how big, from the same mask ``parse`` reads the shape kind from: the centre of its
+    bounding box (``x``, ``y``, pixels) and the box's longer side (``size``); None when no shape is found.
+    The world's captions never name these, so only the prompt image can carry them."""
+    mask = _read(_to_array(image))[1]
+    if mask is None:
+        return None
+    ys, xs = np.nonzero(mask)
+    return {"x": (xs.min() + xs.max()) / 2.0, "y": (ys.min() + ys.max()) / 2.0,
+            "size": float(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)}
