@@ -62,11 +62,12 @@ def cls_attention(resampler, states: torch.Tensor) -> tuple[float, float]:
     return float(w[..., 0].mean()), float(w[..., 1:states.shape[1]].mean())
 
 
-def adapter_tokens(path: str | None, like: str | None = None):
-    """(label, projection module, kind) of an adapter file; path None: a fresh resampler shaped as ``like``'s."""
+def adapter_tokens(path: str | None, checkpoint: tuple):
+    """(label, projection module, kind) of an adapter file and its ``read_checkpoint``; path None: a fresh
+    projection shaped as the checkpoint's (its start)."""
     from ipadapter.core.projection import build_projection
 
-    cfg, tensors = read_checkpoint(path or like)
+    cfg, tensors = checkpoint
     module = build_projection(cfg).eval()
     if path is not None:
         module.load_state_dict({k[len("image_proj."):]: v for k, v in tensors.items() if k.startswith("image_proj.")})
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
 
     files = args.adapters if args.adapters is not None else [
         f"{args.model}/ip-adapter_global.safetensors", None, f"{args.model}/ip-adapter_plus.safetensors"]
-    plus_like = next((f for f in files if f and read_checkpoint(f)[0].kind == "plus"), None)
+    checkpoints = {f: read_checkpoint(f) for f in files if f is not None}
+    plus_like = next((c for c in checkpoints.values() if c[0].kind == "plus"), None)
     print("\nthe image tokens adapters hand the UNet: probe accuracy | variance share | resampler attention")
     print("| tokens | " + " | ".join(ATTRIBUTES) + " | variance share " + " / ".join(ATTRIBUTES)
           + " | attention on CLS / on a patch |")
@@ -122,7 +124,7 @@ def main(argv=None) -> None:
     for path in files:
         if path is None and plus_like is None:
             continue
-        label, module, kind = adapter_tokens(path, plus_like)
+        label, module, kind = adapter_tokens(path, checkpoints[path] if path is not None else plus_like)
         with torch.no_grad():
             inputs = (e_train, e_test) if kind == "global" else (h_train, h_test)
             z_train, z_test = (module(x).flatten(1) for x in inputs)

@@ -44,13 +44,16 @@ def world_sd3():
     return _member("world-sd3")
 
 
-@pytest.fixture(scope="module")
-def zeroed(world, tmp_path_factory):
-    _, _, default = world
-    cfg, tensors = read_checkpoint(default)
-    path = tmp_path_factory.mktemp("zeroed") / "zeroed.safetensors"
+def zeroed_copy(adapter, path):
+    """The adapter file with every tensor zero (same kind and shapes): what the text alone gives."""
+    cfg, tensors = read_checkpoint(adapter)
     write_checkpoint(path, cfg, {k: torch.zeros_like(v) for k, v in tensors.items()})
     return path
+
+
+@pytest.fixture(scope="module")
+def zeroed(world, tmp_path_factory):
+    return zeroed_copy(world[2], tmp_path_factory.mktemp("zeroed") / "zeroed.safetensors")
 
 
 def image_only(pipe, adapter) -> dict:
@@ -118,9 +121,7 @@ def test_the_plus_adapter_keeps_the_prompt_images_size_which_global_drops(world,
     embedding drops; here the shape's size, which no caption names. A zeroed plus adapter fails the floor."""
     pipe, model, _ = world
     plus = model / "ip-adapter_plus.safetensors"
-    cfg, tensors = read_checkpoint(plus)
-    zeroed = tmp_path / "zeroed_plus.safetensors"
-    write_checkpoint(zeroed, cfg, {k: torch.zeros_like(v) for k, v in tensors.items()})
+    zeroed = zeroed_copy(plus, tmp_path / "zeroed_plus.safetensors")
     got = {name: size_r(pipe, f) for name, f in (("plus", plus), ("global", model / "ip-adapter_global.safetensors"),
                                                   ("zeroed", zeroed))}
     assert got["plus"] >= SIZE_R_FLOOR > max(got["global"], got["zeroed"]), got
