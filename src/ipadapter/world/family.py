@@ -174,8 +174,9 @@ def train_adapters(out: Path, adapters: dict, training: dict, settings: dict, st
             raise IPAdapterError(f"--adapters {name}: it starts from {start}, which is not in {out} (train both)")
     with tempfile.TemporaryDirectory(prefix="ipadapter-world-") as tmp:
         data = {}
+        runs_then = not (fixed_steps or quick or adapter_seconds)  # those settings give every adapter one run
         later = {run["data"] for name in chosen for run in training.get(name, {}).get("then", [])
-                 if isinstance(run, dict)}
+                 if isinstance(run, dict)} if runs_then else set()
         for variant in sorted({v[2] for v in chosen.values()} | later | ({"paper"} if adapter_seconds else set())):
             data[variant] = world.write_dataset(Path(tmp) / f"data-{variant}", n_images, seed=world.TRAIN_SEED + seed,
                                                 progress=progress, **DATA[variant])
@@ -216,14 +217,14 @@ def train_adapters(out: Path, adapters: dict, training: dict, settings: dict, st
             then = changes.pop("then", [])
             n_steps = steps if fixed_steps or quick or own_steps is None else own_steps
             written = train(config(name, kind, extra, n_steps, variant, **changes))
-            for k, more in enumerate([] if fixed_steps or quick else then, 2):  # the runs that continue it
+            for k, more in enumerate(then if runs_then else [], 2):  # the runs that continue it
                 more = more if isinstance(more, dict) else {"steps": more}
                 written = train(config(f"{name}-{k}", kind, extra, more["steps"], more.get("data", variant),
                                        **{**changes, "init_adapter": str(written)}))
             shutil.copy2(written, out / name)
             if changes.get("init_adapter"):
                 changes["init_adapter"] = Path(changes["init_adapter"]).name
-            if then and not (fixed_steps or quick):
+            if then and runs_then:
                 changes["then"] = then
             summary[name] = {"kind": kind, **extra, "data": variant, **DATA[variant], **settings, **changes,
                              "steps": n_steps, "batch": batch, "images": n_images,
