@@ -55,6 +55,7 @@ def test_quick_build_loads_and_generates(built):
         assert comp in index and (out / comp).is_dir()
     assert summary["sizes_mb"]["total"] < 32.0
     assert summary["unet"]["cross_attention_layers"] >= 5
+    assert summary["unet_tune"]["steps"] == world_build.QUICK["unet_tune_steps"]  # the partial-caption stage ran
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
@@ -77,6 +78,38 @@ def test_evaluate_base_reports_fractions(built):
     out, _ = built
     res = world_build.evaluate_base(out, n=2, steps=2, progress=False)
     assert res["n"] == 2 and 0.0 <= res["colour_right"] <= 1.0 and 0.0 <= res["shape_right"] <= 1.0
+    assert 0.0 <= res["colour_alone_right"] <= 1.0
+
+
+def test_tune_base_continues_a_built_folder_once(built, tmp_path):
+    """The optional partial-caption stage on a folder built without it: its UNet trained on in place (from the saved
+    weights), its settings from the folder's record, which gains the stage's; a second run is refused."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ipadapter.core.errors import IPAdapterError
+
+    out, summary = built
+    copy = tmp_path / "world"
+    shutil.copytree(out, copy)
+    record = json.loads((copy / "world_build.json").read_text())
+    record.pop("unet_tune")  # as the shipped base's first build wrote it
+    (copy / "world_build.json").write_text(json.dumps(record))
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    before = load_file(copy / weights)
+    tuned = world_build.tune_base(copy, 2, eval_samples=0, progress=False)
+    after = load_file(copy / weights)
+    assert tuned["unet_tune"]["steps"] == 2 and tuned["config"]["pool_train"] == summary["config"]["pool_train"]
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-2  # trained on, not a fresh UNet
+    assert json.loads((copy / "world_build.json").read_text())["unet_tune"]["steps"] == 2
+    assert not (copy / "_unet_tuned").exists()
+    assert "_name_or_path" not in json.loads((copy / "unet" / "config.json").read_text())
+    with pytest.raises(IPAdapterError, match="already had the partial-caption stage"):
+        world_build.tune_base(copy, 2, eval_samples=0, progress=False)
+    with pytest.raises(IPAdapterError, match="no world_build.json"):
+        world_build.tune_base(tmp_path / "nothing", progress=False)
 
 
 def test_parse_reads_a_decoded_latent_round_trip_shape():

@@ -74,6 +74,17 @@ UNET_EMA = 0.999
 UNET_MIN_SNR = 5.0
 UNET_DROP_CAPTION = 0.1  # empty caption (classifier-free guidance)
 UNET_FULL_CAPTION_P = 0.6  # of the kept captions; the rest are random partial captions
+# An optional second UNet stage with more partial captions, from the first stage's EMA weights, a fresh warm-up, a
+# fixed step count after the time-budgeted stages (0: none, as the shipped base; ``tune_base`` runs it on a built
+# folder). Issue 15: the shipped base follows a shape colour named without a background ("a blue shape") in about
+# half the images (evaluate_base's colour_alone_right 56%), with one nearly always; 3,000 steps at these settings
+# (22 min on 2 CPU cores), then the default adapter's last run again on it: image + text +2 points over 768 held-out
+# image + text generations (none on the report's 384), image-only +1, but the issue's own example and the ablation
+# adapters (trained on the first base) lost; not shipped (README, "Also tried").
+UNET_TUNE_STEPS = 0
+UNET_TUNE_LR = 3e-4
+UNET_TUNE_WARMUP = 50
+UNET_TUNE_FULL_CAPTION_P = 0.3
 WEIGHT_DECAY = 0.01
 GRAD_CLIP = 1.0
 TIME_BUDGET_S = 270.0  # seconds for all training stages together (None: no limit)
@@ -83,7 +94,8 @@ EVAL_SAMPLES = 48  # evaluate_base at the end (0: skip)
 
 QUICK = dict(
     pool_train=384, pool_eval=96, clip_steps=12, clip_batch=32, clip_warmup=2, vae_steps=12, vae_batch=16,
-    vae_warmup=2, unet_steps=12, unet_batch=16, unet_warmup=2, eval_samples=4, time_budget_s=None,
+    vae_warmup=2, unet_steps=12, unet_batch=16, unet_warmup=2, unet_tune_steps=4, unet_tune_warmup=2,
+    eval_samples=4, time_budget_s=None,
 )
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -125,6 +137,10 @@ class BuildConfig:
     unet_min_snr: float = UNET_MIN_SNR
     unet_drop_caption: float = UNET_DROP_CAPTION
     unet_full_caption_p: float = UNET_FULL_CAPTION_P
+    unet_tune_steps: int = UNET_TUNE_STEPS
+    unet_tune_lr: float = UNET_TUNE_LR
+    unet_tune_warmup: int = UNET_TUNE_WARMUP
+    unet_tune_full_caption_p: float = UNET_TUNE_FULL_CAPTION_P
     weight_decay: float = WEIGHT_DECAY
     grad_clip: float = GRAD_CLIP
     time_budget_s: float | None = TIME_BUDGET_S
@@ -543,18 +559,19 @@ def text_states(text, ids: torch.Tensor, device, batch: int = 512) -> torch.Tens
                       for i in range(0, len(ids), batch)])
 
 
-def train_unet(cfg, latents, caps, states, device, gen, budget, progress):
+def train_unet(cfg, latents, caps, states, device, gen, budget, progress, init=None, name="3/3 unet"):
+    """The UNet stage: a fresh UNet, or ``init`` trained on (its EMA starts from ``init``'s weights)."""
     from diffusers import DDPMScheduler
 
     mean, std = latents
     noise_sched = DDPMScheduler(**scheduler_config())
     ac = noise_sched.alphas_cumprod.to(device)
-    unet = make_unet(cfg).to(device).train()
+    unet = (make_unet(cfg) if init is None else init.requires_grad_(True)).to(device).train()
     ema = [p.detach().clone() for p in unet.parameters()]
     params = list(unet.parameters())
     opt = _optim(params, cfg.unet_lr, cfg.weight_decay, device)
     full, partial = caps.full.to(device), caps.partial.to(device)
-    stage = Stage("3/3 unet", cfg.unet_steps, budget, progress)
+    stage = Stage(name, cfg.unet_steps, budget, progress)
     b = cfg.unet_batch
     for step in stage:
         _set_lr(opt, lr_at(step, stage.total, cfg.unet_warmup, cfg.unet_lr))
@@ -591,6 +608,17 @@ def train_unet(cfg, latents, caps, states, device, gen, budget, progress):
         for p, e in zip(params, ema, strict=True):
             p.copy_(e)
     return unet.eval().requires_grad_(False), info
+
+
+def tune_config(cfg: BuildConfig) -> BuildConfig:
+    """The partial-caption stage's settings as a UNet stage's."""
+    return replace(cfg, unet_steps=cfg.unet_tune_steps, unet_lr=cfg.unet_tune_lr, unet_warmup=cfg.unet_tune_warmup,
+                   unet_full_caption_p=cfg.unet_tune_full_caption_p)
+
+
+def tune_unet(cfg, latents, caps, states, device, gen, progress, unet):
+    return train_unet(tune_config(cfg), latents, caps, states, device, gen, None, progress, init=unet,
+                      name="3/3 unet, partial captions")
 
 
 # ---------------------------------------------------------------------------------------------- save + build
@@ -688,6 +716,9 @@ def build(out_dir: str | Path, device: str = "cpu", quick: bool = False, seed: i
                             stage_budget(2), progress)
     summary["unet"] = {**info, "params": n_params(unet),
                        "cross_attention_layers": sum(1 for k in unet.attn_processors if "attn2" in k)}
+    if cfg.unet_tune_steps:
+        unet, summary["unet_tune"] = tune_unet(cfg, (mean * scaling, std * scaling), caps, states, dev, gen,
+                                               progress, unet)
     del mean, std, states
     _save_pipeline(out, cfg, tok, text, vision, vae, unet, logit_scale)
     for f in (out / "_tokenizer_src").iterdir():
@@ -715,14 +746,16 @@ def print_summary(s: dict) -> None:
         f"  vae   {v['params'] / 1e6:.2f}M params, {v['steps']} steps ({v['s_per_step']} s/step); "
         f"PSNR {v['psnr_db']} dB, parser agrees {v['parser_agrees']:.3f}, scaling {v['scaling_factor']}",
         f"  unet  {u['params'] / 1e6:.2f}M params, {u['cross_attention_layers']} cross-attn layers, "
-        f"{u['steps']} steps ({u['s_per_step']} s/step)",
+        f"{u['steps']} steps ({u['s_per_step']} s/step)"
+        + (f" + {s['unet_tune']['steps']} with more partial captions" if "unet_tune" in s else ""),
         f"  sizes (MB): {s['sizes_mb']}",
     ]
     if "eval" in s:
         e = s["eval"]
         lines.append(f"  samples ({e['n']}, {e['steps']} DDIM steps, guidance {e['guidance']}): colour right "
                      f"{e['colour_right']:.3f}, shape right {e['shape_right']:.3f}, all right "
-                     f"{e['all_right']:.3f}")
+                     f"{e['all_right']:.3f}; the shape colour named without a background "
+                     f"{e.get('colour_alone_right', float('nan')):.3f}")
     print("\n".join(lines))
 
 
@@ -760,9 +793,70 @@ def evaluate_base(model_dir: str | Path, n: int = 48, device: str = "cpu", steps
         "colour_right": float(np.mean(col)), "shape_right": float(np.mean(shp)),
         "all_right": float(np.mean([a and b for a, b in zip(col, shp, strict=True)])),
     }
+    # the shape colour named without a background ("a blue shape", "a blue square"; half each): what image + text
+    # prompts meet, where the first UNet stage alone was weak
+    smp = world.samples(n, world.EVAL_SEED + 2 + seed)
+    prompts = [world.caption_from_parts(None, s.colour, s.shape if i % 2 else None) for i, s in enumerate(smp)]
+    images = []
+    for i in range(0, n, batch):
+        images += pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                       guidance_rescale=guidance_rescale, generator=gen).images
+    res["colour_alone_right"] = float(np.mean([parse(im)["colour"] == s.colour for im, s in zip(images, smp,
+                                                                                                strict=True)]))
     if progress:
         print(f"evaluate_base: {json.dumps(res)}")
     return res
+
+
+def tune_base(model_dir: str | Path, steps: int = 3_000, device: str = "cpu", seed: int = 0, progress: bool = True,
+              **overrides) -> dict:
+    """The partial-caption UNet stage, ``steps`` long, on a folder built without it. Its other settings come from the
+    folder's ``world_build.json``, which gains ``unet_tune``, ``eval_before_tune`` and a new ``eval``; the UNet is
+    replaced in place once trained."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from ..core.errors import IPAdapterError
+
+    out = Path(model_dir)
+    record_file = out / "world_build.json"
+    if not record_file.is_file():
+        raise IPAdapterError(f"{out}: no world_build.json; tune_base continues a folder that `world build` wrote")
+    record = json.loads(record_file.read_text())
+    if "unet_tune" in record:
+        raise IPAdapterError(f"{out}: its UNet already had the partial-caption stage ({record['unet_tune']})")
+    names = {f.name for f in fields(BuildConfig)}
+    cfg = make_config(**{**{k: v for k, v in record["config"].items() if k in names}, **overrides,
+                         "unet_tune_steps": steps})
+    if steps < 1:
+        raise IPAdapterError(f"tune_base: steps={steps}; at least 1")
+    dev = torch.device(device)
+    torch.manual_seed(seed + 1)
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    pool = render_pool(cfg.pool_train, world.TRAIN_SEED + seed, progress)
+    caps = caption_table(pipe.tokenizer, pool, seed)
+    vae, text = pipe.vae.to(dev), pipe.text_encoder.to(dev)
+    with torch.no_grad():  # what the pipeline feeds the UNet (a saved CLIPTextModel: its own forward)
+        mean, std = encode_pool(vae, pool.images, dev)
+        states = torch.cat([text(input_ids=caps.ids[i : i + 512].to(dev))[0] for i in range(0, len(caps.ids), 512)])
+    scaling = vae.config.scaling_factor
+    unet, info = tune_unet(cfg, (mean * scaling, std * scaling), caps, states, dev, gen, progress, pipe.unet)
+    tmp = out / "_unet_tuned"
+    unet.cpu().save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("_name_or_path", None)  # where it was loaded from: this machine's path
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(out / "unet")
+    tmp.rename(out / "unet")
+    record["config"] = asdict(cfg)
+    record["unet_tune"] = info
+    record["eval_before_tune"] = record.get("eval")
+    if cfg.eval_samples:
+        record["eval"] = evaluate_base(out, n=cfg.eval_samples, device=device, progress=progress)
+    record_file.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def _main(argv=None) -> None:
@@ -775,6 +869,8 @@ def _main(argv=None) -> None:
                     help=f"seconds for all training stages (default {TIME_BUDGET_S}; 0: no limit)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="override any parameter, e.g. --set unet_steps=2000 unet_batch=128")
+    ap.add_argument("--tune", type=int, default=None, metavar="STEPS",
+                    help="only the partial-caption UNet stage, STEPS long, on the folder --out that a build wrote")
     args = ap.parse_args(argv)
     overrides = {}
     for kv in args.set:
@@ -782,7 +878,10 @@ def _main(argv=None) -> None:
         overrides[k] = json.loads(v) if v[:1] in "[{" else _number(v)
     if args.time_budget is not None:
         overrides["time_budget_s"] = args.time_budget or None
-    build(args.out, device=args.device, quick=args.quick, seed=args.seed, **overrides)
+    if args.tune is not None:
+        tune_base(args.out, args.tune, device=args.device, seed=args.seed, **overrides)
+    else:
+        build(args.out, device=args.device, quick=args.quick, seed=args.seed, **overrides)
 
 
 def _number(v: str):
