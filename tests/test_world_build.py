@@ -112,6 +112,13 @@ def test_tune_base_continues_a_built_folder_once(built, tmp_path):
         world_build.tune_base(tmp_path / "nothing", progress=False)
 
 
+def test_tune_flag_on_a_folder_without_a_build_record_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        world_build._main(["--out", str(tmp_path / "nothing"), "--tune", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and "no world_build.json" in err
+
+
 def test_parse_reads_a_decoded_latent_round_trip_shape():
     # the parser accepts what the pipeline returns (PIL) and numpy float output alike
     s = world.samples(1, 9)[0]

@@ -8,7 +8,8 @@ One file, read top to bottom: a batch goes from the pre-rendered image pool to e
 3. VAE: ``AutoencoderKL`` 64x64x3 -> 8x8x4, MSE with extra weight on shape edges + a small KL;
 4. UNet: ``UNet2DConditionModel`` on cached VAE latents, conditioned on the FROZEN text tower's
    last_hidden_state (as SD 1.5), v-prediction + zero terminal SNR + trailing timesteps, lr warm-up,
-   grad clip, EMA, min-SNR weighting, 10% empty captions for classifier-free guidance;
+   grad clip, EMA, min-SNR weighting, 10% empty captions for classifier-free guidance; optionally a second UNet
+   stage with more partial captions (``UNET_TUNE_*``, off by default; :func:`tune_base` on a built folder);
 5. save: a standard diffusers ``StableDiffusionPipeline`` folder with ``image_encoder`` (the vision tower)
    and ``feature_extractor`` beside the usual components, loadable offline with ``from_pretrained``.
 
@@ -852,7 +853,7 @@ def tune_base(model_dir: str | Path, steps: int = 3_000, device: str = "cpu", se
     tmp.rename(out / "unet")
     record["config"] = asdict(cfg)
     record["unet_tune"] = info
-    record["eval_before_tune"] = record.get("eval")
+    record["eval_before_tune"] = record.pop("eval", None)  # it measured the UNet before the stage
     if cfg.eval_samples:
         record["eval"] = evaluate_base(out, n=cfg.eval_samples, device=device, progress=progress)
     record_file.write_text(json.dumps(record, indent=1) + "\n")
@@ -879,7 +880,15 @@ def _main(argv=None) -> None:
     if args.time_budget is not None:
         overrides["time_budget_s"] = args.time_budget or None
     if args.tune is not None:
-        tune_base(args.out, args.tune, device=args.device, seed=args.seed, **overrides)
+        from ..core.errors import IPAdapterError
+
+        try:
+            tune_base(args.out, args.tune, device=args.device, seed=args.seed, **overrides)
+        except IPAdapterError as e:
+            import sys
+
+            print(f"error: {e}", file=sys.stderr)  # one line, exit status 2, no traceback
+            raise SystemExit(2) from None
     else:
         build(args.out, device=args.device, quick=args.quick, seed=args.seed, **overrides)
 
