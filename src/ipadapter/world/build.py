@@ -81,7 +81,8 @@ UNET_FULL_CAPTION_P = 0.6  # of the kept captions; the rest are random partial c
 # half the images (evaluate_base's colour_alone_right 56%), with one nearly always; 3,000 steps at these settings
 # (22 min on 2 CPU cores), then the default adapter's last run again on it: image + text +2 points over 768 held-out
 # image + text generations (none on the report's 384), image-only +1, but the issue's own example and the ablation
-# adapters (trained on the first base) lost; not shipped (README, "Also tried").
+# adapters (trained on the first base) lost; not shipped (README, "Also tried"). At the first stage's own 60% full
+# captions the same steps did as well: what helped was the steps (the first stage's budget cut it to 5,220 of 14,000).
 UNET_TUNE_STEPS = 0
 UNET_TUNE_LR = 3e-4
 UNET_TUNE_WARMUP = 50
