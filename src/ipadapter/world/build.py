@@ -556,8 +556,10 @@ def make_scheduler():
 
 @torch.no_grad()
 def text_states(text, ids: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
-    """last_hidden_state of the frozen text tower for every caption (what the pipeline feeds the UNet)."""
-    return torch.cat([text.text_model(input_ids=ids[i : i + batch].to(device)).last_hidden_state
+    """last_hidden_state of the frozen text tower for every caption (what the pipeline feeds the UNet); ``text``: the
+    build's tower, or a saved folder's CLIPTextModel (transformers 5 gives it no ``text_model``)."""
+    tower = getattr(text, "text_model", text)
+    return torch.cat([tower(input_ids=ids[i : i + batch].to(device)).last_hidden_state
                       for i in range(0, len(ids), batch)])
 
 
@@ -780,11 +782,13 @@ def evaluate_base(model_dir: str | Path, n: int = 48, device: str = "cpu", steps
     smp = world.samples(n, world.EVAL_SEED + 1 + seed)
     prompts = [world.caption(s) for s in smp]
     gen = torch.Generator(device="cpu").manual_seed(world.EVAL_SEED + seed)
-    images = []
-    for i in range(0, n, batch):
-        images += pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       guidance_rescale=guidance_rescale, generator=gen).images
-    parsed = [parse(im) for im in images]
+
+    def sample(prompts: list[str]) -> list:
+        return [im for i in range(0, n, batch)
+                for im in pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                               guidance_rescale=guidance_rescale, generator=gen).images]
+
+    parsed = [parse(im) for im in sample(prompts)]
     col = [p["background"] == s.background and p["colour"] == s.colour for p, s in zip(parsed, smp, strict=True)]
     shp = [p["shape"] == s.shape for p, s in zip(parsed, smp, strict=True)]
     res = {
@@ -799,11 +803,7 @@ def evaluate_base(model_dir: str | Path, n: int = 48, device: str = "cpu", steps
     # prompts meet, where the first UNet stage alone was weak
     smp = world.samples(n, world.EVAL_SEED + 2 + seed)
     prompts = [world.caption_from_parts(None, s.colour, s.shape if i % 2 else None) for i, s in enumerate(smp)]
-    images = []
-    for i in range(0, n, batch):
-        images += pipe(prompts[i : i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       guidance_rescale=guidance_rescale, generator=gen).images
-    res["colour_alone_right"] = float(np.mean([parse(im)["colour"] == s.colour for im, s in zip(images, smp,
+    res["colour_alone_right"] = float(np.mean([parse(im)["colour"] == s.colour for im, s in zip(sample(prompts), smp,
                                                                                                 strict=True)]))
     if progress:
         print(f"evaluate_base: {json.dumps(res)}")
@@ -840,9 +840,9 @@ def tune_base(model_dir: str | Path, steps: int = 3_000, device: str = "cpu", se
     pool = render_pool(cfg.pool_train, world.TRAIN_SEED + seed, progress)
     caps = caption_table(pipe.tokenizer, pool, seed)
     vae, text = pipe.vae.to(dev), pipe.text_encoder.to(dev)
-    with torch.no_grad():  # what the pipeline feeds the UNet (a saved CLIPTextModel: its own forward)
+    with torch.no_grad():
         mean, std = encode_pool(vae, pool.images, dev)
-        states = torch.cat([text(input_ids=caps.ids[i : i + 512].to(dev))[0] for i in range(0, len(caps.ids), 512)])
+    states = text_states(text, caps.ids, dev)
     scaling = vae.config.scaling_factor
     unet, info = tune_unet(cfg, (mean * scaling, std * scaling), caps, states, dev, gen, progress, pipe.unet)
     tmp = out / "_unet_tuned"
