@@ -614,14 +614,14 @@ def train_unet(cfg, latents, caps, states, device, gen, budget, progress, init=N
 
 
 def tune_config(cfg: BuildConfig) -> BuildConfig:
-    """The partial-caption stage's settings as a UNet stage's."""
+    """The second UNet stage's settings as a UNet stage's."""
     return replace(cfg, unet_steps=cfg.unet_tune_steps, unet_lr=cfg.unet_tune_lr, unet_warmup=cfg.unet_tune_warmup,
                    unet_full_caption_p=cfg.unet_tune_full_caption_p)
 
 
 def tune_unet(cfg, latents, caps, states, device, gen, progress, unet):
     return train_unet(tune_config(cfg), latents, caps, states, device, gen, None, progress, init=unet,
-                      name="3/3 unet, partial captions")
+                      name="3/3 unet, second stage")
 
 
 # ---------------------------------------------------------------------------------------------- save + build
@@ -750,7 +750,7 @@ def print_summary(s: dict) -> None:
         f"PSNR {v['psnr_db']} dB, parser agrees {v['parser_agrees']:.3f}, scaling {v['scaling_factor']}",
         f"  unet  {u['params'] / 1e6:.2f}M params, {u['cross_attention_layers']} cross-attn layers, "
         f"{u['steps']} steps ({u['s_per_step']} s/step)"
-        + (f" + {s['unet_tune']['steps']} with more partial captions" if "unet_tune" in s else ""),
+        + (f" + {s['unet_tune']['steps']} in a second stage" if "unet_tune" in s else ""),
         f"  sizes (MB): {s['sizes_mb']}",
     ]
     if "eval" in s:
@@ -811,7 +811,7 @@ def evaluate_base(model_dir: str | Path, n: int = 48, device: str = "cpu", steps
 
 def tune_base(model_dir: str | Path, steps: int = 3_000, device: str = "cpu", seed: int = 0, progress: bool = True,
               **overrides) -> dict:
-    """The partial-caption UNet stage, ``steps`` long, on a folder built without it. Its other settings come from the
+    """The second UNet stage, ``steps`` long, on a folder built without it. Its other settings come from the
     folder's ``world_build.json``, which gains ``unet_tune``, ``eval_before_tune`` and a new ``eval``; the UNet is
     replaced in place once trained."""
     import shutil
@@ -871,7 +871,7 @@ def _main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="override any parameter, e.g. --set unet_steps=2000 unet_batch=128")
     ap.add_argument("--tune", type=int, default=None, metavar="STEPS",
-                    help="only the partial-caption UNet stage, STEPS long, on the folder --out that a build wrote")
+                    help="only the second UNet stage, STEPS long, on the folder --out that a build wrote")
     args = ap.parse_args(argv)
     overrides = {}
     for kv in args.set:
