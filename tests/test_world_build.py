@@ -81,9 +81,10 @@ def test_evaluate_base_reports_fractions(built):
     assert 0.0 <= res["colour_alone_right"] <= 1.0
 
 
-def test_tune_base_continues_a_built_folder_once(built, tmp_path):
-    """The optional partial-caption stage on a folder built without it: its UNet trained on in place (from the saved
-    weights), its settings from the folder's record, which gains the stage's; a second run is refused."""
+def test_tune_base_continues_a_built_folder(built, tmp_path):
+    """The optional second UNet stage on a folder built without it: its UNet trained on in place (from the saved
+    weights), its settings from the folder's record, which gains the stage's; a second run is a further stage,
+    recorded beside the first."""
     import shutil
 
     from safetensors.torch import load_file
@@ -106,8 +107,12 @@ def test_tune_base_continues_a_built_folder_once(built, tmp_path):
     assert json.loads((copy / "world_build.json").read_text())["unet_tune"]["steps"] == 2
     assert not (copy / "_unet_tuned").exists()
     assert "_name_or_path" not in json.loads((copy / "unet" / "config.json").read_text())
-    with pytest.raises(IPAdapterError, match="already had the partial-caption stage"):
-        world_build.tune_base(copy, 2, eval_samples=0, progress=False)
+    again = world_build.tune_base(copy, 3, seed=1, eval_samples=0, progress=False)
+    further = load_file(copy / weights)
+    assert any(not torch.equal(after[k], further[k]) for k in after)
+    assert again["unet_tune"]["steps"] == 2 and again["config"]["unet_tune_steps"] == 2  # the first, kept
+    assert [(s["steps"], s["seed"]) for s in again["unet_tune_more"]] == [(3, 1)]
+    assert json.loads((copy / "world_build.json").read_text())["unet_tune_more"][0]["steps"] == 3
     with pytest.raises(IPAdapterError, match="no world_build.json"):
         world_build.tune_base(tmp_path / "nothing", progress=False)
 
