@@ -856,6 +856,7 @@ def tune_base(model_dir: str | Path, steps: int = 3_000, device: str = "cpu", se
     tmp.rename(out / "unet")
     if further:  # the config keeps the first stage's settings; a further stage's differ only in these
         record.setdefault("unet_tune_more", []).append({**info, "seed": seed, "lr": cfg.unet_tune_lr,
+                                                        "warmup": cfg.unet_tune_warmup,
                                                         "full_caption_p": cfg.unet_tune_full_caption_p,
                                                         "eval_before": record.pop("eval", None)})
     else:
