@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHEAP = ["sd15-global", "sd15-faceid-plus", "sd15-controls", "sd15-inpaint", "sd15-two-adapters", "world-global"]
+# the world-* cases read the embedded model's shipped weights, retrained since (listed as changed on purpose)
+CHEAP = ["sd15-global", "sd15-faceid-plus", "sd15-controls", "sd15-inpaint", "sd15-two-adapters"]
 
 
 def _script():
