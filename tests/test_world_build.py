@@ -181,7 +181,8 @@ def test_world_build_quick_trains_every_adapter_and_generate_finds_them_by_name(
 
 def test_an_adapters_later_runs_continue_it_each_on_its_own_data(built, monkeypatch):
     """family.TRAINING's "then": each run starts from the one before; a {"steps", "data"} run trains on that DATA
-    variant (the default's last run: "contra_image"), a bare count on the adapter's own; the record keeps them."""
+    variant (the default's: "contra_image"), a bare count on the adapter's own; a run's other keys are its own
+    trainer settings (the default's last run: a cosine learning rate); the record keeps them."""
     import ipadapter.training.train as trainer
     from ipadapter.world import family
 
@@ -191,16 +192,19 @@ def test_an_adapters_later_runs_continue_it_each_on_its_own_data(built, monkeypa
     def spy(cfg):
         items = json.loads(Path(cfg.data).read_text())
         runs.append((cfg.max_steps, sum(not item["text"] for item in items) / len(items),
-                     Path(cfg.init_adapter).parent.name if cfg.init_adapter else None))
+                     Path(cfg.init_adapter).parent.name if cfg.init_adapter else None, cfg.lr_schedule))
         return real(cfg)
 
     monkeypatch.setattr(trainer, "train", spy)
     name = "ip-adapter_then.safetensors"
-    training = {name: {"steps": 2, "drop_text": 0.0, "then": [1, {"steps": 3, "data": "contra_image"}]}}
+    later = [1, {"steps": 3, "data": "contra_image"}, {"steps": 2, "data": "contra_image", "lr_schedule": "cosine"}]
+    training = {name: {"steps": 2, "drop_text": 0.0, "then": later}}
     summary = family.train_adapters(out, {name: ("global", {}, "contra")}, training, {}, 2, 4, 64, False, 0, "cpu",
                                     False, [name], None)
-    assert [steps for steps, _, _ in runs] == [2, 1, 3]
-    assert runs[1][2] == name and runs[2][2] == f"{name}-2"  # each starts from the one before (its output folder)
+    assert [run[0] for run in runs] == [2, 1, 3, 2]
+    # each starts from the one before (its output folder)
+    assert runs[1][2] == name and runs[2][2] == f"{name}-2" and runs[3][2] == f"{name}-3"
     # image-only items (empty caption): 1/8 + 7/8 x ... of "contra", more in "contra_image"
-    assert runs[0][1] == runs[1][1] < runs[2][1]
-    assert summary[name]["then"] == [1, {"steps": 3, "data": "contra_image"}] and (out / name).is_file()
+    assert runs[0][1] == runs[1][1] < runs[2][1] == runs[3][1]
+    assert [run[3] for run in runs] == ["constant"] * 3 + ["cosine"]  # only the run that names it
+    assert summary[name]["then"] == later and (out / name).is_file()
