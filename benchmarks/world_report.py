@@ -51,7 +51,8 @@ ADAPTER_NAMES = ("default", "global", "plus", "simple", "pairs")  # model/ip-ada
 DEFAULT_FILE = "ip-adapter.safetensors"  # the embedded model's default adapter ("default" here)
 # The README's recommendation for image + text on the embedded model, chosen on the tuning prompts (TUNING_SEED):
 # first 12 per family (0.6 72%, 0.7 75%, 0.8 81%, 1.0 81%: the lower of the tie); the shipped default's scan, 32
-# per family x 1: 0.5 73%, 0.6 81%, 0.7 86%, 0.8 90%, 0.9 89%, 1.0 88% (on the previous base: 0.7-0.9 75%).
+# per family x 1: 0.5 74%, 0.6 86%, 0.7 90%, 0.8 95%, 0.9 92%, 1.0 90% (before its decayed last run 73 / 81 / 86 /
+# 90 / 89 / 88%; on the previous base: 0.7-0.9 75%).
 # The CLI's generic default with a text prompt stays 0.5.
 IMAGE_TEXT_SCALE = 0.8
 ZERO_TEXT = "on a black background"  # the text of the scale-0 check
