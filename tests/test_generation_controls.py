@@ -421,13 +421,17 @@ def test_world_late_start_changes_less():
 
 
 def test_world_negative_image_pushes_its_colour_out():
-    pipe, ip = world()
+    # the paper's recipe: a solid red negative takes every red pixel out (seeds 0 and 4: 25% / 23% red -> 0%). The
+    # default, fine-tuned on contradicting pairs, barely follows a negative image here (the 4-token one: 25% -> 24%,
+    # 26% -> 24%; the 16-token one of issue 15's sixth round: 24% -> 26%, 26% -> 27%), so this test of the control
+    # reads the paper's adapter, as the regions test above does
+    pipe, ip = world("ip-adapter_global.safetensors")
     image = [shape_image("red", "circle")]
     red = Image.new("RGB", (64, 64), (220, 40, 40))
     plain = colour_fraction(ip.generate(images=image, seed=0, num_images=4, **WORLD), "red")
     pushed = colour_fraction(ip.generate(images=image, negative_images=[red], seed=0, num_images=4, **WORLD), "red")
     assert plain > 0.02, "a red circle as the prompt image should give red pixels"
-    assert pushed < plain
+    assert pushed < plain / 2
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
