@@ -76,8 +76,7 @@ RECIPE = ("ipadapter train on the frozen base: world images (TRAIN_SEED + seed),
           f"hand the UNet 16 image tokens. The default '{DEFAULT_ADAPTER}': the pairs adapter fine-tuned on 'contra' "
           "data (such prompt images for all of them, 1/8 of the items image-only, empty caption, on top of the empty "
           "partial captions), text never dropped, 300 steps then 600 more twice, then 600 more with 1/4 of the "
-          "items image-only ('contra_image'), then 600 "
-          "more there with the learning rate decayed to 0 on a cosine")
+          "items image-only ('contra_image'), then 600 more there with the learning rate decayed to 0 on a cosine")
 TRAIN_IMAGES = 6_000  # the shipped family's settings: a CPU afternoon; a GPU can afford more
 ADAPTER_STEPS = 900
 ADAPTER_BATCH = 128
