@@ -423,7 +423,8 @@ def test_world_late_start_changes_less():
 def test_world_negative_image_pushes_its_colour_out():
     # the paper's recipe: a solid red negative takes every red pixel out (seeds 0 and 4: 25% / 23% red -> 0%). The
     # default, fine-tuned on contradicting pairs, barely follows a negative image here (the 4-token one: 25% -> 24%,
-    # 26% -> 24%; the 16-token one of issue 15's sixth round: 24% -> 26%, 26% -> 27%), so this test of the control
+    # 26% -> 24%; the 16-token one of issue 15's sixth round: 24% -> 26%, 26% -> 27%; the 32-token one of
+    # the seventh: 25% -> 26%, 28% -> 28%), so this test of the control
     # reads the paper's adapter, as the regions test above does
     pipe, ip = world("ip-adapter_global.safetensors")
     image = [shape_image("red", "circle")]
