@@ -356,6 +356,31 @@ def test_projection_lr_moves_the_image_projection_at_its_own_rate(dataset, tmp_p
         TrainConfig(data=str(dataset), model="m", output=str(tmp_path / "c"), projection_lr=-1).check()
 
 
+@pytest.mark.parametrize("kind, cached", [("plus", False), ("plus", True), ("full", False)])
+def test_projection_pretrain_fits_a_new_resampler_to_the_encoders_embedding(dataset, tmp_path, kind, cached):
+    """projection_pretrain: before the first step a new plus (or full) adapter's projection learns to predict the
+    encoder's projected embedding from the patch states (the logged cosine distance falls by more than half), with
+    or without the feature cache; it touches only the projection (one later step at lr ~0 leaves the K/V as a new
+    adapter's); settings that do not fit are one clear error each."""
+    cache = {"cache": str(tmp_path / "cache")} if cached else {}
+    plain = weights(train(config(dataset, tmp_path / "a", kind=kind, max_steps=1, lr=1e-12, warmup_steps=0)))
+    out = tmp_path / "b"
+    pre = weights(train(config(dataset, out, kind=kind, max_steps=1, lr=1e-12, warmup_steps=0,
+                               projection_pretrain=60, **cache)))
+    part = lambda w, prefix: {k: v for k, v in w.items() if k.startswith(prefix)}  # noqa: E731
+    assert max_diff(part(pre, "ip_adapter."), part(plain, "ip_adapter.")) < 1e-7
+    assert max_diff(part(pre, "image_proj."), part(plain, "image_proj.")) > 1e-3
+    line = next(x for x in (out / "train.log").read_text().splitlines() if "projection pretrain" in x)
+    first, last = (float(v) for v in line.rsplit("embedding ", 1)[1].split(" -> "))
+    assert last < 0.5 * first, line
+    for bad, match in [({"projection_pretrain": 5}, "not global"),
+                       ({"kind": "plus", "projection_pretrain": -1}, "projection_pretrain = -1"),
+                       ({"kind": "plus", "projection_pretrain": 5, "init_adapter": str(out / "ip-adapter.safetensors")},
+                        "init_adapter already gives one")]:
+        with pytest.raises(IPAdapterError, match=match):
+            train(config(dataset, tmp_path / "c", max_steps=1, **bad))
+
+
 def new_start(dataset, tmp_path):
     """The new adapter a run starts from (0 steps is not a run: 1 step at lr ~0)."""
     return train(config(dataset, tmp_path / "zero", max_steps=1, lr=1e-12, warmup_steps=0))
