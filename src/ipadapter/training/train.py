@@ -184,10 +184,9 @@ class TrainConfig:
             raise IPAdapterError(f"--lr {self.lr}: must be a positive number (the paper uses 1e-4)")
         if self.projection_lr is not None and not (self.projection_lr > 0 and math.isfinite(self.projection_lr)):
             raise IPAdapterError(f"projection_lr = {self.projection_lr}: must be a positive number (or unset: lr)")
-        for name in ("projection_pretrain", "projection_pretrain_images"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < (name == "projection_pretrain_images"):
-                raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= "
-                                     f"{int(name == 'projection_pretrain_images')}")
+        for name, least in (("projection_pretrain", 0), ("projection_pretrain_images", 1)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < least:
+                raise IPAdapterError(f"{name} = {getattr(self, name)!r}: must be a whole number >= {least}")
         if self.projection_pretrain and self.init_adapter:
             raise IPAdapterError("projection_pretrain fits a new adapter's projection; init_adapter already gives one "
                                  "(set one of them)")
@@ -897,7 +896,8 @@ def pretrain_features(run: Run, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     pens, embeds, chunk = [], [], []
 
     def flush() -> None:
-        out = encoder.model(torch.stack(chunk).to(m.device, m.dtype), output_hidden_states=True)
+        pixels = processor(images=chunk, return_tensors="pt").pixel_values
+        out = encoder.model(pixels.to(m.device, m.dtype), output_hidden_states=True)
         if getattr(out, "image_embeds", None) is None:
             raise IPAdapterError(f"projection_pretrain: the image encoder {image_encoder_dir(cfg)} has no projected "
                                  "embedding to fit to (use a CLIPVisionModelWithProjection folder, or leave it 0)")
@@ -917,7 +917,7 @@ def pretrain_features(run: Run, n: int) -> tuple[torch.Tensor, torch.Tensor]:
             img, _ = D.decode_image(rec.prompt if rec.prompt is not None else rec.image)
         except Exception:  # noqa: BLE001 - an unreadable item is already counted as bad by the data setup
             continue
-        chunk.append(processor(images=[img], return_tensors="pt").pixel_values[0])
+        chunk.append(img)
         bar.update(1)
         if len(chunk) == 64:
             flush()
@@ -971,8 +971,7 @@ def pretrain_projection(run: Run) -> None:
         schedule.step()
     with torch.no_grad():
         last = distance(torch.arange(min(len(pen), 1024))).item()
-    for p in params:
-        p.grad = None
+    optimizer.zero_grad(set_to_none=True)
     log(f"projection pretrain: {steps} steps on {len(pen)} images' features; cosine distance to the encoder's "
         f"embedding {first:.4f} -> {last:.4f}")
 
