@@ -381,6 +381,32 @@ def test_projection_pretrain_fits_a_new_resampler_to_the_encoders_embedding(data
             train(config(dataset, tmp_path / "c", max_steps=1, **bad))
 
 
+def test_projection_pretrain_says_what_it_lacks(dataset, tmp_path):
+    """projection_pretrain with an encoder that has no projected embedding (SigLIP), or with no readable prompt
+    image, is one clear error, and no adapter file is written."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    enc = tmp_path / "siglip"
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=128, image_size=32, patch_size=8)).save_pretrained(enc)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(enc)
+    out = tmp_path / "a"
+    with pytest.raises(IPAdapterError, match="has no projected embedding to fit to"):
+        train(config(dataset, out, kind="plus", max_steps=1, projection_pretrain=5, image_encoder=str(enc)))
+    assert not (out / "ip-adapter.safetensors").exists()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    items = json.loads(dataset.read_text())
+    for item in items:
+        (broken / item["image_file"]).write_bytes(b"not an image")
+    (broken / "data.json").write_text(json.dumps(items))
+    out = tmp_path / "b"
+    with pytest.raises(IPAdapterError, match="no readable prompt image in --data"):
+        train(config(broken / "data.json", out, kind="plus", max_steps=1, projection_pretrain=5, max_bad_fraction=1.0))
+    assert not (out / "ip-adapter.safetensors").exists()
+
+
 def new_start(dataset, tmp_path):
     """The new adapter a run starts from (0 steps is not a run: 1 step at lr ~0)."""
     return train(config(dataset, tmp_path / "zero", max_steps=1, lr=1e-12, warmup_steps=0))
